@@ -184,14 +184,15 @@ def read_header(path: str) -> DicomFile | None:
         if not has_magic:
             return None
         raise DicomError(f"{path}: unreadable DICOM header ({exc})") from exc
-    if not has_magic and ("SOPClassUID" not in ds or "SeriesInstanceUID" not in ds):
-        return None  # force=True parses almost anything; demand DICOM essentials.
+    essentials = [t for t in ("SOPClassUID", "SeriesInstanceUID") if t not in ds]
+    if essentials:
+        if not has_magic:
+            return None  # force=True parses almost anything; this was not DICOM
+        raise DicomError(f"{path}: damaged DICOM header (no {', '.join(essentials)})")
     if "Rows" not in ds:  # pixel data itself is not read here
-        log.warning("%s: DICOM file without an image (SOP class %s), ignored",
-                    path, ds.get("SOPClassUID", "?"))
+        log.warning("%s: DICOM object without an image (SOP class %s), ignored",
+                    path, ds.SOPClassUID)
         return None
-    if "SeriesInstanceUID" not in ds:
-        raise DicomError(f"{path}: no SeriesInstanceUID")
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
     except AttributeError as exc:
@@ -256,7 +257,7 @@ def scan_folder(folder: str | Path) -> dict[SeriesKey, list[DicomFile]]:
         _check_not_truncated(header)
         groups.setdefault(header.key, []).append(header)
     if skipped:
-        log.warning("%s: ignored %d non-DICOM file(s): %s", folder, len(skipped),
+        log.warning("%s: ignored %d non-DICOM or non-image file(s): %s", folder, len(skipped),
                     ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
     if not groups:
         raise DicomError(f"{folder}: no DICOM images among {len(paths)} file(s)")

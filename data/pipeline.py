@@ -25,6 +25,7 @@ from monai.transforms import (
 )
 from monai.utils import look_up_option
 
+from medssl.data.dicom import DicomError
 from medssl.data.io import LoadVolumed, VolumeError
 from medssl.data.table import Cohort, CohortError, read_cohort, validate_volumes
 
@@ -130,6 +131,41 @@ def cache_key(settings: Preprocessing) -> str:
     return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _data_error(exc: BaseException) -> BaseException | None:
+    """The VolumeError/DicomError inside MONAI's "applying transform" wrappers, if any."""
+    while exc is not None:
+        if isinstance(exc, VolumeError | DicomError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+class _ClearErrors:
+    """Mixin: re-raise our data errors (naming CSV row and file) instead of MONAI's
+    generic "applying transform <object at 0x...>" wrapper, keeping the chain."""
+
+    def _transform(self, index: int) -> object:
+        try:
+            return super()._transform(index)  # type: ignore[misc]
+        except RuntimeError as exc:
+            cause = _data_error(exc)
+            if cause is None:
+                raise
+            raise type(cause)(str(cause)) from exc
+
+
+class _Dataset(_ClearErrors, Dataset):
+    pass
+
+
+class _CacheDataset(_ClearErrors, CacheDataset):
+    pass
+
+
+class _PersistentDataset(_ClearErrors, PersistentDataset):
+    pass
+
+
 def build_dataset(
     records: Sequence[dict],
     transforms: Sequence[Callable],
@@ -155,9 +191,9 @@ def build_dataset(
     cache = look_up_option(cache, CACHE_MODES)
     transform = Compose(list(transforms))
     if cache == "none":
-        return Dataset(list(records), transform)
+        return _Dataset(list(records), transform)
     if cache == "memory":
-        return CacheDataset(list(records), transform, num_workers=max(num_workers, 1),
+        return _CacheDataset(list(records), transform, num_workers=max(num_workers, 1),
                             progress=False)
     if cache_dir is None:
         raise ValueError("cache='disk' needs cache_dir")
@@ -167,8 +203,8 @@ def build_dataset(
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "settings.json").write_text(json.dumps(asdict(settings), indent=1))
-    return PersistentDataset(list(records), transform, cache_dir=folder, hash_func=_item_hash,
-                             track_meta=True, weights_only=True)
+    return _PersistentDataset(list(records), transform, cache_dir=folder, hash_func=_item_hash,
+                             track_meta=False, weights_only=True)
 
 
 def to_items(records: Sequence[dict], task: str) -> list[dict]:

@@ -1,0 +1,26 @@
+# Two commands for a fresh machine with Python 3.11+ and pip: `make demo` and `make test`.
+# Both create ./.venv and install medssl with everything it needs into it.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+
+.PHONY: install demo test lint
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# The main job end to end on the built-in demo cohort.
+demo: install
+	$(VENV)/bin/medssl-demo demo_data
+	$(VENV)/bin/medssl-inspect demo_data/ssl.csv
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(PY) -m pytest

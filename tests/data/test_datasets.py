@@ -1,0 +1,189 @@
+"""CSV reading, validation errors, preprocessing outputs and caching."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from medssl.data import io as medssl_io
+from medssl.data.demo import COHORTS, DemoPaths
+from medssl.data.io import VolumeError
+from medssl.data.pipeline import Preprocessing, cache_key, make_datasets
+from medssl.data.table import CohortError, read_cohort
+
+SMALL = Preprocessing(resize_to=(8, 16, 16))
+
+
+def _edit_csv(src: Path, dst: Path, **changes: dict[int, dict]) -> Path:
+    """Copy a CSV next to the demo data (relative paths keep working) with edited cells."""
+    df = pd.read_csv(src, dtype=str, keep_default_na=False)
+    for row, values in changes.get("rows", {}).items():
+        for col, value in values.items():
+            df.loc[row, col] = value
+    df = df.drop(columns=changes.get("drop", []))
+    df.to_csv(dst, index=False)
+    return dst
+
+
+def test_classification_dataset_shapes_values_and_targets(demo: DemoPaths) -> None:
+    datasets, cohort = make_datasets(demo.classification_csv, "classification",
+                                     {"train": [0, 1, 2], "val": "3"}, SMALL,
+                                     targets=["V00COHORT", "P02SEX"])
+    assert cohort.encodings["V00COHORT"] == list(COHORTS)
+    df = pd.read_csv(demo.classification_csv)
+    assert len(datasets["train"]) == int(df.fold.isin([0, 1, 2]).sum())
+    assert len(datasets["val"]) == int((df.fold == 3).sum())
+    item = datasets["val"][0]
+    assert tuple(item["image"].shape) == (1, 8, 16, 16)
+    assert item["image"].dtype == torch.float32
+    assert 0.0 <= float(item["image"].min()) < 0.05 and 0.9 < float(item["image"].max()) <= 1.0
+    expected = df[df.fold == 3].iloc[0]
+    assert item["V00COHORT"] == COHORTS.index(expected.V00COHORT)
+    assert item["PatientID"] == expected.PatientID and "line" in item["row"]
+
+
+def test_segmentation_dataset_keeps_labels_aligned(demo: DemoPaths) -> None:
+    datasets, _ = make_datasets(demo.segmentation_csv, "segmentation",
+                                {"train": ["train"], "test": "test"}, Preprocessing())
+    item = datasets["test"][0]
+    assert item["image"].shape == item["label"].shape == (1, 16, 32, 32)
+    label = item["label"]
+    assert set(torch.unique(label).tolist()) <= {0, 1, 2, 3, 4}  # nearest, no blending
+    image = item["image"]
+    assert image[label == 2].mean() > image[label == 1].mean() > image[label == 0].mean()
+    resized, _ = make_datasets(demo.segmentation_csv, "segmentation", {"test": "test"}, SMALL)
+    assert set(torch.unique(resized["test"][0]["label"]).tolist()) <= {0, 1, 2, 3, 4}
+
+
+def test_percentile_normalisation_is_configurable(demo: DemoPaths) -> None:
+    raw, _ = make_datasets(demo.ssl_csv, "ssl", {"train": 0},
+                           Preprocessing(normalize=False), validate=False)
+    clipped, _ = make_datasets(demo.ssl_csv, "ssl", {"train": 0},
+                               Preprocessing(lower_percentile=5, upper_percentile=95))
+    x, y = raw["train"][0]["image"], clipped["train"][0]["image"]
+    hi, lo = np.percentile(x.numpy(), 95), np.percentile(x.numpy(), 5)
+    np.testing.assert_allclose(y.numpy(), np.clip((x.numpy() - lo) / (hi - lo), 0, 1), atol=1e-5)
+    with pytest.raises(ValueError, match="lower_percentile < upper_percentile"):
+        Preprocessing(lower_percentile=90, upper_percentile=10)
+
+
+def test_missing_column(demo: DemoPaths) -> None:
+    csv = _edit_csv(demo.classification_csv, demo.root / "nocol.csv", drop=["fold"])
+    with pytest.raises(CohortError, match=r"missing column\(s\) \['fold'\]"):
+        read_cohort(csv, "classification")
+
+
+def test_bad_rows_reported_all_at_once(demo: DemoPaths) -> None:
+    csv = _edit_csv(demo.classification_csv, demo.root / "bad.csv", rows={
+        1: {"path": "dicom/NOPE"}, 3: {"P02SEX": ""}, 5: {"fold": "x"}})
+    with pytest.raises(CohortError, match="3 problem") as err:
+        read_cohort(csv, "classification", targets=["V00COHORT", "P02SEX"])
+    msg = str(err.value)
+    assert "bad.csv line 3 (PatientID DEMO002): path" in msg and "NOPE does not exist" in msg
+    assert "line 5 (PatientID DEMO004): target P02SEX is missing (NaN/empty)" in msg
+    assert "line 7 (PatientID DEMO006): fold 'x' is not an integer" in msg
+
+
+def test_empty_folder_row(demo: DemoPaths) -> None:
+    (demo.root / "dicom" / "EMPTY").mkdir(exist_ok=True)
+    csv = _edit_csv(demo.ssl_csv, demo.root / "empty.csv", rows={0: {"path": "dicom/EMPTY"}})
+    with pytest.raises(CohortError, match=r"line 2 \(PatientID DEMO001\): path .*EMPTY is an "
+                                          "empty folder"):
+        read_cohort(csv, "ssl")
+
+
+def test_unknown_fold_values(demo: DemoPaths) -> None:
+    csv = _edit_csv(demo.segmentation_csv, demo.root / "fold.csv", rows={2: {"fold": "trian"}})
+    with pytest.raises(CohortError, match=r"line 4 .*fold 'trian' is not one of \['train', "):
+        read_cohort(csv, "segmentation")
+    cohort = read_cohort(demo.ssl_csv, "ssl")
+    with pytest.raises(CohortError, match=r"fold\(s\) \['7'\] requested.*holds only \['0', '1'"):
+        cohort.select([0, 7])
+    assert len(cohort.select(["0", 1])) == len(cohort.select([0, "1"])) > 0
+
+
+def test_category_outside_known_encoding(demo: DemoPaths) -> None:
+    with pytest.raises(CohortError, match="V00COHORT='3: Non-exposed control group' is not one"):
+        read_cohort(demo.classification_csv, "classification", ["V00COHORT"],
+                    encodings={"V00COHORT": [COHORTS[0]]})
+
+
+def test_segmentation_on_another_grid(demo: DemoPaths) -> None:
+    seg = nib.load(demo.root / "nifti/DEMO001_label.nii.gz")
+    cropped = nib.Nifti1Image(np.asarray(seg.dataobj)[:, :-2], seg.affine)
+    nib.save(cropped, demo.root / "nifti/cropped_label.nii.gz")
+    csv = _edit_csv(demo.segmentation_csv, demo.root / "grid.csv",
+                    rows={0: {"seg_path": "nifti/cropped_label.nii.gz"}})
+    with pytest.raises(CohortError, match=r"line 2 \(PatientID DEMO001\): segmentation .*"
+                                          "cropped_label.nii.gz .*not on the grid of image"):
+        make_datasets(csv, "segmentation", {"train": "train"}, SMALL)
+    # Without the header check, loading the row fails with the same names.
+    datasets, _ = make_datasets(csv, "segmentation", {"train": "train"}, SMALL, validate=False)
+    with pytest.raises(VolumeError, match="DEMO001.*cropped_label.nii.gz.*differs"):
+        datasets["train"][0]
+
+
+def test_damaged_series_detected_before_training(demo: DemoPaths, tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    shutil.copytree(demo.root, root)
+    victims = sorted((root / "dicom" / "DEMO003").iterdir())
+    victims[4].unlink()  # a missing slice: non-uniform spacing
+    for p in (root / "dicom" / "DEMO002").iterdir():  # a second series in DEMO005's folder
+        shutil.copy(p, root / "dicom" / "DEMO005" / f"x{p.name}")
+    with pytest.raises(CohortError, match="2 problem") as err:
+        make_datasets(root / "ssl.csv", "ssl", {"train": [0, 1, 2, 3, 4]}, SMALL)
+    assert "(PatientID DEMO003): path: series" in str(err.value)
+    assert "non-uniform slice spacing" in str(err.value)
+    assert "(PatientID DEMO005): path:" in str(err.value) and "2 series" in str(err.value)
+
+
+def test_corrupt_pixels_name_row_and_file(demo: DemoPaths, tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    shutil.copytree(demo.root, root)
+    victim = sorted((root / "dicom" / "DEMO001").iterdir())[3]
+    data = bytearray(victim.read_bytes())
+    victim.write_bytes(bytes(data[:-600]))  # pixel data cut short
+    datasets, _ = make_datasets(root / "ssl.csv", "ssl", {"train": 0}, SMALL, validate=False)
+    with pytest.raises(VolumeError, match="ssl.csv line 2 \\(PatientID DEMO001\\): image: ") as err:
+        datasets["train"][0]
+    assert str(victim) in str(err.value) and "cannot decode pixel data" in str(err.value)
+
+
+def test_cache_modes_agree_and_disk_cache_is_keyed(demo: DemoPaths, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    outputs = {}
+    for mode in ("none", "memory", "disk"):
+        ds, _ = make_datasets(demo.ssl_csv, "ssl", {"train": 1}, SMALL, cache=mode,
+                              cache_dir=tmp_path / "cache")
+        outputs[mode] = [ds["train"][i]["image"] for i in range(len(ds["train"]))]
+    for a, b, c in zip(*outputs.values(), strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    folder = tmp_path / "cache" / cache_key(SMALL)
+    assert len(list(folder.glob("*.pt"))) == len(outputs["disk"])
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise VolumeError("a cached volume was decoded again")
+
+    monkeypatch.setattr(medssl_io, "load_volume", fail)
+    cached, _ = make_datasets(demo.ssl_csv, "ssl", {"train": 1}, SMALL, cache="disk",
+                              cache_dir=tmp_path / "cache", validate=False)
+    assert torch.equal(cached["train"][0]["image"], outputs["none"][0])
+    other = Preprocessing(resize_to=(8, 16, 16), upper_percentile=99.0)
+    assert cache_key(other) != cache_key(SMALL)  # other settings never see these files
+    fresh, _ = make_datasets(demo.ssl_csv, "ssl", {"train": 1}, SMALL, cache="disk",
+                             cache_dir=tmp_path / "cache", reset_cache=True, validate=False)
+    assert not list(folder.glob("*.pt"))
+    with pytest.raises(VolumeError, match="decoded again"):
+        fresh["train"][0]
+
+
+def test_loadvolumed_error_names_row(demo: DemoPaths) -> None:
+    transform = medssl_io.LoadVolumed("image")
+    with pytest.raises(VolumeError, match="my.csv line 9: image: .*no such file"):
+        transform({"image": str(demo.root / "missing"), "row": "my.csv line 9"})
