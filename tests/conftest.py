@@ -6,6 +6,10 @@ import os
 from pathlib import Path
 
 import pytest
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
 
 from medssl.data.demo import DemoPaths, DemoSpec, generate
 
@@ -26,3 +30,26 @@ def real_data() -> Path:
     if not REAL_DATA.is_dir():
         pytest.skip(f"real data folder {REAL_DATA} not present")
     return REAL_DATA
+
+
+def compose(config_name: str, overrides: list[str]) -> DictConfig:
+    """Compose ``configs/<config_name>.yaml`` as the entry script would, plus overrides."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides)
+
+
+TINY_DINO = [
+    "resize_to=[16,32,32]", "global_crop_size=[16,32,32]", "local_crop_size=[8,16,16]",
+    "backbone.patch_size=[4,8,8]", "backbone.hidden_size=32", "backbone.mlp_dim=64",
+    "backbone.num_layers=1", "backbone.num_heads=2", "out_dim=64", "hidden_dim=32",
+    "bottleneck_dim=16", "n_crops=4", "batch_size=2", "n_epochs=1", "cache=none",
+    "accelerator=cpu", "devices=1", "knn_k=3",
+]
+
+
+@pytest.fixture
+def dino_cfg(demo: DemoPaths, tmp_path: Path) -> DictConfig:
+    """The DINO config on the tiny demo cohort, CPU, results under tmp_path."""
+    return compose("dino", [f"csv_path={demo.classification_csv}",
+                            f"results_dir={tmp_path / 'results'}", *TINY_DINO])

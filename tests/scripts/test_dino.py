@@ -1,0 +1,200 @@
+"""DINO pre-training end to end on the tiny demo cohort (CPU)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from omegaconf import DictConfig, open_dict
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from medssl.models.backbones import UNet3DEncoder
+from medssl.models.clearml_logger import ClearMLLogger
+from medssl.models.dino import DINO
+from medssl.models.runs import run_dino
+from medssl.models.weights import load_backbone
+from tests.conftest import REPO, compose
+
+SCRIPT = REPO / "self_supervised" / "dino.py"
+
+
+def _set(cfg: DictConfig, **values: object) -> DictConfig:
+    with open_dict(cfg):
+        for key, value in values.items():
+            cfg[key] = value
+    return cfg
+
+
+def test_readme_commands_compose() -> None:
+    out = subprocess.run([sys.executable, str(SCRIPT), "batch_size=16", "lr=0.001", "--cfg",
+                          "job"], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    assert re.search(r"^batch_size: 16$", out, re.M) and re.search(r"^lr: 0\.001$", out, re.M)
+    oai = compose("dino", ["preset=oai", "csv_path=/data/oai.csv"])
+    assert oai.backbone.name == "unet3d" and list(oai.global_crop_size) == [40, 224, 224]
+    assert list(oai.local_crop_size) == [40, 128, 128] and oai.n_epochs == 70
+    assert oai.batch_size == 4 and oai.n_crops == 4
+    for name in ("vit", "swin_unetr", "unet3d"):
+        assert compose("dino", [f"backbone={name}"]).backbone.name == name
+
+
+def test_every_config_key_is_used() -> None:
+    cfg = compose("dino", ["csv_path=x"])
+    sources = "\n".join(p.read_text() for p in (REPO / "models").glob("*.py"))
+    unused = [k for k in cfg if k not in ("backbone", "hydra")
+              and f"cfg.{k}" not in sources and f'cfg["{k}"]' not in sources
+              and f"cfg[{k!r}]" not in sources]
+    assert not unused, f"config keys never read: {unused}"
+    text = (REPO / "configs" / "dino.yaml").read_text()
+    undocumented = [k for k in cfg if k not in ("backbone", "hydra")
+                    and not re.search(rf"^{k}:.*#", text, re.M)]
+    assert not undocumented
+
+
+def test_pretraining_run(dino_cfg: DictConfig) -> None:
+    """Loss falls, teacher follows the EMA, monitors and exports are written."""
+    _set(dino_cfg, n_epochs=8, lr=2e-3, warmup_epochs=1, experiment="run")
+    trainer = run_dino(dino_cfg)
+    module: DINO = trainer.lightning_module
+    out = Path(dino_cfg.results_dir) / "run"
+    assert module.ema_updates == trainer.global_step == 8 * 3
+    events = EventAccumulator(str(next((out / "tensorboard").glob("events*"))))
+    events.Reload()
+    loss = [e.value for e in events.Scalars("train/dino_loss")]
+    assert len(loss) == 24 and sum(loss[-6:]) / 6 < sum(loss[:6]) / 6
+    for tag in ("train/lr", "train/weight_decay", "train/momentum", "train/teacher_temp",
+                "train/embedding_std", "train/teacher_entropy", "val_dino_loss",
+                "val/knn_accuracy"):
+        assert events.Scalars(tag), tag
+    assert "train/crops" in events.Tags()["images"]
+    momentum = [e.value for e in events.Scalars("train/momentum")]
+    assert momentum[0] == pytest.approx(0.996) and momentum == sorted(momentum)
+    teacher = dict(module.teacher_backbone.named_parameters())
+    assert any(not torch.equal(p, teacher[n]) for n, p in
+               module.student_backbone.named_parameters())
+    # Exports: every kept checkpoint has its backbone file; backbone.pt is the best one.
+    ckpts = sorted((out / "checkpoints").glob("*.ckpt"))
+    assert len(ckpts) == dino_cfg.save_top_k + 1 and (out / "checkpoints" / "last.ckpt") in ckpts
+    for ckpt in ckpts:
+        assert ckpt.with_suffix(".backbone.pt").is_file()
+    assert len(list((out / "checkpoints").glob("*.backbone.pt"))) == len(ckpts)
+    top_k = next(c for c in trainer.checkpoint_callbacks if c.monitor == "val_dino_loss")
+    best = Path(top_k.best_model_path).with_suffix(".backbone.pt")
+    export = torch.load(out / "checkpoints" / "backbone.pt", weights_only=True)
+    assert export["backbone_config"]["name"] == "vit"
+    for name, value in torch.load(best, weights_only=True)["state_dict"].items():
+        assert torch.equal(value, export["state_dict"][name])
+    backbone, report = load_backbone(out / "checkpoints" / "last.backbone.pt")
+    assert not report.missing and not report.unexpected and not report.mismatched
+    for name, value in backbone.state_dict().items():
+        assert torch.equal(value, module.teacher_backbone.state_dict()[name])
+    assert (out / "config.yaml").read_text().count("csv_path:") == 1
+
+
+class _Snapshot(L.Callback):
+    """Record the teacher, centre and step when training (re)starts; optionally interrupt."""
+
+    def __init__(self, stop_at_epoch: int | None = None) -> None:
+        self.stop_at_epoch, self.start = stop_at_epoch, None
+
+    def on_train_start(self, trainer: L.Trainer, module: DINO) -> None:
+        self.start = (trainer.global_step, {k: v.clone() for k, v in
+                                            module.teacher_backbone.state_dict().items()},
+                      module.criterion.center.clone())
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: DINO) -> None:
+        if trainer.current_epoch == self.stop_at_epoch:
+            self.stopped_at = trainer.global_step
+            raise KeyboardInterrupt  # what Ctrl-C does: Lightning shuts down, then exits 1
+
+
+def test_interrupted_run_resumes(dino_cfg: DictConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    _set(dino_cfg, n_epochs=3, experiment="resume")
+    import medssl.models.harness as harness
+
+    callbacks: list[_Snapshot] = []
+    build = harness.build_trainer
+
+    def with_snapshot(*args: object, **kwargs: object) -> L.Trainer:
+        trainer = build(*args, **kwargs)
+        trainer.callbacks.append(callbacks[-1])
+        return trainer
+
+    monkeypatch.setattr("medssl.models.runs.build_trainer", with_snapshot)
+    callbacks.append(_Snapshot(stop_at_epoch=2))
+    with pytest.raises(SystemExit):
+        run_dino(dino_cfg)
+    assert callbacks[-1].stopped_at == 6
+    last = Path(dino_cfg.results_dir) / "resume" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)["state_dict"]
+    callbacks.append(_Snapshot())
+    second = run_dino(dino_cfg)  # the same command again
+    step, teacher, center = callbacks[-1].start
+    assert step == 6 and second.global_step == 9 and second.current_epoch == 3
+    for name, value in teacher.items():
+        assert torch.equal(value, saved[f"teacher_backbone.{name}"])
+    assert torch.equal(center, saved["criterion.center"])
+    assert not torch.equal(center, torch.zeros_like(center))
+
+
+def test_resume_from_and_suprem_weights_exclude_each_other(dino_cfg: DictConfig,
+                                                           tmp_path: Path) -> None:
+    _set(dino_cfg, resume_training_from=str(tmp_path / "a.ckpt"),
+         suprem_weights=str(tmp_path / "b.pth"))
+    with pytest.raises(ValueError, match="exclude each other"):
+        run_dino(dino_cfg)
+
+
+def test_suprem_weights_start_unet3d(dino_cfg: DictConfig, tmp_path: Path) -> None:
+    source = UNet3DEncoder()
+    torch.save({"net": {f"module.backbone.{k}": v for k, v in source.state_dict().items()}},
+               tmp_path / "suprem.pth")
+    _set(dino_cfg, suprem_weights=str(tmp_path / "suprem.pth"), experiment="suprem",
+         n_epochs=1, lr=1e-12, min_lr=0.0, global_crop_size=[16, 32, 32],
+         local_crop_size=[8, 16, 16], n_crops=3)
+    with open_dict(dino_cfg):
+        dino_cfg.backbone = {"name": "unet3d", "spatial_dims": 3, "in_channels": 1,
+                             "act": "relu"}
+    trainer = run_dino(dino_cfg)
+    conv = "down_tr64.ops.0.conv1.weight"
+    expected = source.state_dict()[conv]
+    assert torch.allclose(trainer.lightning_module.teacher_backbone.state_dict()[conv],
+                          expected, atol=1e-6)
+
+
+def test_crop_sizes_checked_against_backbone(dino_cfg: DictConfig) -> None:
+    _set(dino_cfg, local_crop_size=[8, 12, 16])
+    with pytest.raises(ValueError, match=r"local_crop_size \[8, 12, 16\] does not fit"):
+        run_dino(dino_cfg)
+
+
+def test_clearml_offline(dino_cfg: DictConfig, tmp_path: Path,
+                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLEARML_OFFLINE_MODE", "1")
+    monkeypatch.setenv("CLEARML_CACHE_DIR", str(tmp_path / "clearml"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _set(dino_cfg, clearml=True, experiment="clearml")
+    trainer = run_dino(dino_cfg)
+    clearml = [lg for lg in trainer.loggers if isinstance(lg, ClearMLLogger)]
+    assert clearml, "ClearML logger missing"
+    task = clearml[0].task
+    folder = Path(task.get_offline_mode_folder())
+    assert folder.is_dir() and any(folder.rglob("*"))
+    text = "".join(p.read_text(errors="ignore") for p in folder.rglob("*") if p.is_file())
+    assert "dino_loss" in text
+    task.close()
+
+
+def test_clearml_not_configured_falls_back(dino_cfg: DictConfig, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    for var in ("CLEARML_OFFLINE_MODE", "CLEARML_API_ACCESS_KEY", "CLEARML_CONFIG_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _set(dino_cfg, clearml=True, experiment="noclearml")
+    trainer = run_dino(dino_cfg)
+    assert [type(lg).__name__ for lg in trainer.loggers] == ["TensorBoardLogger"]
+    assert "ClearML is not configured" in caplog.text
