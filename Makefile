@@ -14,10 +14,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# The main job end to end on the built-in demo cohort.
+# The main job end to end on the built-in demo cohort: generate and check it, pre-train DINO.
 demo: install
 	$(VENV)/bin/medssl-demo demo_data
 	$(VENV)/bin/medssl-inspect demo_data/ssl.csv
+	$(PY) self_supervised/dino.py
 
 lint: install
 	$(VENV)/bin/ruff check .

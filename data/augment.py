@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
@@ -67,17 +68,19 @@ class MultiCropd(Randomizable, MapTransform):
     """Replace ``image`` (C, *spatial) with ``crops``: ``n_global`` global then local views.
 
     Every view has its own transform instance and random state, so views of one volume
-    are independent draws.
+    are independent draws. With ``fixed_seed`` the views of a sample are re-seeded from it
+    and the sample's ``row`` on every call: validation then sees the same crops each epoch,
+    so ``val_dino_loss`` is comparable across epochs.
     """
 
     def __init__(self, keys: KeysCollection, global_size: Sequence[int],
                  local_size: Sequence[int], global_scale: Sequence[float],
                  local_scale: Sequence[float], n_crops: int, n_global: int = 2,
-                 out_key: str = "crops") -> None:
+                 out_key: str = "crops", fixed_seed: int | None = None) -> None:
         MapTransform.__init__(self, keys)
         if n_crops < n_global:
             raise ValueError(f"n_crops ({n_crops}) must be at least the {n_global} global crops")
-        self.out_key = out_key
+        self.out_key, self.fixed_seed = out_key, fixed_seed
         self.views = [crop_views(global_size, global_scale) for _ in range(n_global)]
         self.views += [crop_views(local_size, local_scale) for _ in range(n_crops - n_global)]
 
@@ -93,6 +96,10 @@ class MultiCropd(Randomizable, MapTransform):
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
+        if self.fixed_seed is not None:
+            base = self.fixed_seed + zlib.crc32(str(d.get("row", "")).encode())
+            for i, view in enumerate(self.views):
+                view.set_random_state(seed=(base + i) % 2**31)
         for key in self.key_iterator(d):
             image = d.pop(key)
             d[self.out_key] = [_plain(view(image)) for view in self.views]

@@ -147,7 +147,7 @@ class DINO(L.LightningModule):
         self._momentum = sched["momentum"]  # applied after this step's optimizer update
         for group in self.optimizers().optimizer.param_groups:
             group["lr"] = sched["lr"]
-            if group["weight_decay"] > 0 or group.get("decay", False):
+            if group["decay"]:
                 group["weight_decay"] = sched["weight_decay"]
         teacher_out, teacher_feats = self.forward_teacher(crops[:n_global])
         student_out = self.forward(crops)
@@ -208,7 +208,9 @@ class DINO(L.LightningModule):
             self.log("val_dino_loss", loss, batch_size=crops[0].shape[0], sync_dist=True,
                      add_dataloader_idx=False, prog_bar=True)
             return
-        feats = F.normalize(self.teacher_backbone(batch["image"]), dim=1)
+        image = batch["image"]
+        image = image.as_tensor() if hasattr(image, "as_tensor") else image  # drop MONAI meta
+        feats = F.normalize(self.teacher_backbone(image), dim=1)
         target = batch[self.hparams.knn_target]
         self._knn[dataloader_idx].append((feats.detach(), torch.as_tensor(target)))
 

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -121,7 +121,6 @@ def build_trainer(cfg: DictConfig, monitor: str | None, backbone_attr: str) -> L
         default_root_dir=run_dir(cfg), max_epochs=cfg.n_epochs, accelerator=cfg.accelerator,
         devices=cfg.devices, num_nodes=cfg.num_nodes, precision=cfg.precision,
         accumulate_grad_batches=cfg.accumulate_grad_batches, logger=build_loggers(cfg),
-        callbacks=[*checkpoint_callbacks(cfg, monitor, backbone_attr),
-                   LearningRateMonitor(logging_interval="step")],
+        callbacks=checkpoint_callbacks(cfg, monitor, backbone_attr),
         sync_batchnorm=True,  # batch-norm statistics over all GPUs under DDP; no-op otherwise
         log_every_n_steps=1, num_sanity_val_steps=0)

@@ -17,10 +17,10 @@ from medssl.models.weights import load_weights
 log = logging.getLogger(__name__)
 
 
-def _multicrop(cfg: DictConfig) -> MultiCropd:
+def _multicrop(cfg: DictConfig, fixed_seed: int | None = None) -> MultiCropd:
     return MultiCropd(IMAGE, global_size=cfg.global_crop_size, local_size=cfg.local_crop_size,
                       global_scale=cfg.global_crop_scale, local_scale=cfg.local_crop_scale,
-                      n_crops=cfg.n_crops)
+                      n_crops=cfg.n_crops, fixed_seed=fixed_seed)
 
 
 def run_dino(cfg: DictConfig) -> L.Trainer:
@@ -34,7 +34,8 @@ def run_dino(cfg: DictConfig) -> L.Trainer:
         cfg.csv_path, "ssl", list(cfg.train_folds), val_folds,
         Preprocessing(resize_to=cfg.resize_to, lower_percentile=cfg.lower_percentile,
                       upper_percentile=cfg.upper_percentile),
-        train_augment=[_multicrop(cfg)], val_augment=[_multicrop(cfg)],
+        train_augment=[_multicrop(cfg)],
+        val_augment=[_multicrop(cfg, fixed_seed=0 if cfg.seed is None else cfg.seed)],
         batch_size=cfg.batch_size, n_workers=cfg.n_workers, knn_target=knn_target,
         knn_size=cfg.global_crop_size, cache=cfg.cache, cache_dir=cfg.cache_dir,
         reset_cache=cfg.reset_cache)
