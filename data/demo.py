@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import json
 import logging
 import os
@@ -249,10 +250,14 @@ def ensure_demo(out_dir: str | Path = DEFAULT_DIR, spec: DemoSpec = DemoSpec()) 
     """Return the demo cohort in ``out_dir``, generating it when missing or out of date."""
     out_dir = Path(out_dir)
     manifest = out_dir / "demo.json"
-    if manifest.exists() and json.loads(manifest.read_text()) == asdict(spec):
-        return DemoPaths(out_dir)
-    log.info("Generating the demo cohort in %s", out_dir)
-    return generate(out_dir, spec)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # DDP ranks (or parallel runs) may all get here: one generates, the others wait.
+    with open(out_dir.parent / f".{out_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if manifest.exists() and json.loads(manifest.read_text()) == asdict(spec):
+            return DemoPaths(out_dir)
+        log.info("Generating the demo cohort in %s", out_dir)
+        return generate(out_dir, spec)
 
 
 def main(argv: list[str] | None = None) -> None:

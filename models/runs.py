@@ -55,9 +55,9 @@ def run_dino(cfg: DictConfig) -> L.Trainer:
     for what in ("global_crop_size", "local_crop_size"):
         module.student_backbone.check_input_size(cfg[what], what)
     if cfg.suprem_weights is not None:
-        for backbone in (module.student_backbone, module.teacher_backbone):
-            report = load_weights(backbone, cfg.suprem_weights)
-        log.info("Backbone weights: %s", report)
+        report = load_weights(module.student_backbone, cfg.suprem_weights)
+        module.teacher_backbone.load_state_dict(module.student_backbone.state_dict())
+        (log.info if report.complete else log.warning)("suprem_weights: %s", report)
     save_config(cfg)
     trainer = build_trainer(cfg, "val_dino_loss" if val_folds else None, "teacher_backbone")
     trainer.fit(module, datamodule=data, ckpt_path=resume)

@@ -101,3 +101,14 @@ def test_default_geometry_has_every_class(tmp_path: Path) -> None:
     paths = generate(tmp_path / "d", DemoSpec(n_subjects=4))
     for label_path in sorted((paths.root / "nifti").glob("*_label.nii.gz")):
         assert set(np.unique(load_volume(label_path).array).astype(int)) == set(LABELS)
+
+
+def test_ensure_demo_is_safe_from_parallel_ranks(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    spec = DemoSpec(n_subjects=3, rows=16, columns=16, slices=8)
+    with ThreadPoolExecutor(4) as pool:
+        roots = list(pool.map(lambda _: ensure_demo(tmp_path / "d", spec).root, range(4)))
+    assert set(roots) == {tmp_path / "d"}
+    assert len(pd.read_csv(tmp_path / "d" / "ssl.csv")) == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".demo-")]  # no leftovers

@@ -149,7 +149,7 @@ def test_resume_from_and_suprem_weights_exclude_each_other(dino_cfg: DictConfig,
         run_dino(dino_cfg)
 
 
-def test_suprem_weights_start_unet3d(dino_cfg: DictConfig, tmp_path: Path) -> None:
+def test_suprem_weights_start_unet3d(dino_cfg: DictConfig, tmp_path: Path, caplog) -> None:
     source = UNet3DEncoder()
     torch.save({"net": {f"module.backbone.{k}": v for k, v in source.state_dict().items()}},
                tmp_path / "suprem.pth")
@@ -159,7 +159,11 @@ def test_suprem_weights_start_unet3d(dino_cfg: DictConfig, tmp_path: Path) -> No
     with open_dict(dino_cfg):
         dino_cfg.backbone = {"name": "unet3d", "spatial_dims": 3, "in_channels": 1,
                              "act": "relu"}
-    trainer = run_dino(dino_cfg)
+    with caplog.at_level("INFO"):
+        trainer = run_dino(dino_cfg)
+    n = len(source.state_dict())
+    assert f"suprem_weights: loaded {n}/{n} keys" in caplog.text
+    assert "missing: []; unexpected: []; shape mismatches: []" in caplog.text
     conv = "down_tr64.ops.0.conv1.weight"
     expected = source.state_dict()[conv]
     assert torch.allclose(trainer.lightning_module.teacher_backbone.state_dict()[conv],

@@ -1,0 +1,299 @@
+"""The DINO LightningModule on its own: EMA teacher, optimizer groups, schedules, last-layer
+freezing, validation and non-finite losses (tiny in-memory crops, CPU trainer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightly.utils.scheduler import cosine_schedule
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from medssl.models.dino import DINO, warmup_cosine
+
+TINY_VIT = {"name": "vit", "spatial_dims": 3, "in_channels": 1, "img_size": [16, 32, 32],
+            "patch_size": [4, 8, 8], "hidden_size": 32, "mlp_dim": 64, "num_layers": 1,
+            "num_heads": 2}
+GLOBAL, LOCAL = (16, 32, 32), (8, 16, 16)
+
+
+class _Crops(Dataset):
+    """``n`` samples of 2 global and 2 local random crops (fixed per index); ``fill`` replaces
+    every voxel of the first global crop (e.g. NaN)."""
+
+    def __init__(self, n: int, global_size: tuple[int, ...] = GLOBAL,
+                 local_size: tuple[int, ...] = LOCAL, fill: float | None = None) -> None:
+        self.n, self.global_size, self.local_size, self.fill = n, global_size, local_size, fill
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, list[Tensor]]:
+        g = torch.Generator().manual_seed(i)
+        crops = [torch.randn(1, *self.global_size, generator=g) for _ in range(2)]
+        crops += [torch.randn(1, *self.local_size, generator=g) for _ in range(2)]
+        if self.fill is not None:
+            crops[0].fill_(self.fill)
+        return {"crops": crops}
+
+
+def _loader(n: int = 4, batch_size: int = 2, **kwargs: object) -> DataLoader:
+    return DataLoader(_Crops(n, **kwargs), batch_size=batch_size, shuffle=False)
+
+
+def _module(backbone: dict | None = None, **kwargs: object) -> DINO:
+    torch.manual_seed(0)
+    args = {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "warmup_epochs": 0,
+            **kwargs}
+    return DINO(backbone or TINY_VIT, **args)
+
+
+def _trainer(tmp_path: Path, **kwargs: object) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False,
+                     default_root_dir=tmp_path, **kwargs)
+
+
+def _pairs(module: DINO) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
+    """(name, student param, teacher param) for the backbone and the head."""
+    out = []
+    for part in ("backbone", "head"):
+        teacher = dict(getattr(module, f"teacher_{part}").named_parameters())
+        for name, param in getattr(module, f"student_{part}").named_parameters():
+            out.append((f"{part}.{name}", param, teacher[name]))
+    return out
+
+
+def _clone(module: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+# ----- initial state --------------------------------------------------------------------------
+def test_teacher_starts_as_student_and_is_frozen() -> None:
+    module = _module()
+    pairs = _pairs(module)
+    assert len(pairs) == len(list(module.teacher_backbone.parameters())) + len(
+        list(module.teacher_head.parameters()))
+    for name, student, teacher in pairs:
+        assert student is not teacher, name
+        assert torch.equal(student, teacher), name
+        assert not teacher.requires_grad, name
+    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith("student_") for n in trainable)
+    # The only frozen student parameter is the weight-normalised last layer's norm.
+    frozen = [n for n, p in module.named_parameters()
+              if n.startswith("student_") and not p.requires_grad]
+    assert frozen == ["student_head.last_layer.weight_g"]
+
+
+def test_optimizer_holds_exactly_the_student_parameters() -> None:
+    module = _module()
+    optimizer = module.configure_optimizers()
+    held = [id(p) for group in optimizer.param_groups for p in group["params"]]
+    assert len(held) == len(set(held)), "a parameter is in two groups"
+    student = {id(p) for m in (module.student_backbone, module.student_head)
+               for p in m.parameters()}
+    teacher = {id(p) for m in (module.teacher_backbone, module.teacher_head)
+               for p in m.parameters()}
+    assert set(held) == student
+    assert not set(held) & teacher
+    assert [g["name"] for g in optimizer.param_groups] == ["decay", "no_decay"]
+
+
+# ----- EMA teacher -----------------------------------------------------------------------------
+class _FirstStep(L.Callback):
+    """Teacher before the first optimizer step; teacher, student and momentum right after."""
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: DINO, batch: object,
+                             batch_idx: int) -> None:
+        if batch_idx == 0:
+            self.teacher_old = {**_clone(module.teacher_backbone),
+                                **{f"h.{k}": v for k, v in _clone(module.teacher_head).items()}}
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: DINO, outputs: object,
+                           batch: object, batch_idx: int) -> None:
+        if batch_idx == 0:
+            self.step, self.ema_updates = trainer.global_step, module.ema_updates
+            self.momentum = module._momentum
+            self.pairs = [(n, s.detach().clone(), t.detach().clone())
+                          for n, s, t in _pairs(module)]
+
+
+def test_teacher_is_ema_of_student_after_one_step(tmp_path: Path) -> None:
+    m0, max_steps = 0.9, 3
+    module, probe = _module(momentum_teacher=m0, lr=1e-2, min_lr=1e-2), _FirstStep()
+    _trainer(tmp_path, max_steps=max_steps, callbacks=[probe]).fit(module, _loader(6))
+    assert probe.step == 1 and probe.ema_updates == 1
+    expected_m = cosine_schedule(0, max_steps, m0, 1.0)
+    assert probe.momentum == pytest.approx(expected_m) and expected_m == pytest.approx(m0)
+    moved = 0
+    for name, student_new, teacher_new in probe.pairs:
+        part, key = name.split(".", 1)
+        teacher_old = probe.teacher_old[key if part == "backbone" else f"h.{key}"]
+        expected = expected_m * teacher_old + (1 - expected_m) * student_new
+        assert torch.allclose(teacher_new, expected, atol=1e-6), name
+        moved += not torch.equal(teacher_new, teacher_old)
+    assert moved > len(probe.pairs) // 2, "the teacher barely moved: the check is vacuous"
+
+
+def test_one_ema_update_per_optimizer_step_with_accumulation(tmp_path: Path) -> None:
+    module = _module()
+    trainer = _trainer(tmp_path, max_epochs=1, accumulate_grad_batches=2)
+    trainer.fit(module, _loader(8, batch_size=2))  # 4 batches -> 2 optimizer steps
+    assert module.ema_updates == trainer.global_step == 2
+
+
+# ----- optimizer groups and schedules ----------------------------------------------------------
+class _Groups(L.Callback):
+    """Per optimizer step: global step and (weight decay, lr) of each named group."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, dict[str, tuple[float, float]]]] = []
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, module: DINO,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        groups = {g["name"]: (g["weight_decay"], g["lr"]) for g in optimizer.param_groups}
+        self.steps.append((trainer.global_step, groups))
+
+
+def test_weight_decay_groups_and_schedules(tmp_path: Path) -> None:
+    hp = {"lr": 2e-3, "min_lr": 1e-5, "warmup_epochs": 1, "weight_decay": 0.04,
+          "weight_decay_end": 0.4}
+    module, probe = _module(**hp), _Groups()
+    trainer = _trainer(tmp_path, max_epochs=2, callbacks=[probe])
+    trainer.fit(module, _loader(8))  # 4 steps per epoch, 8 in all
+    total, per_epoch = 8, 4
+    assert [s for s, _ in probe.steps] == list(range(total))
+
+    # Which parameters decay: never a bias, a norm parameter or any other 1-d parameter.
+    groups = {g["name"]: g for g in trainer.optimizers[0].param_groups}
+    no_decay = {id(p) for p in groups["no_decay"]["params"]}
+    decay = {id(p) for p in groups["decay"]["params"]}
+    norm_params = {id(p) for m in module.modules() if isinstance(m, nn.LayerNorm | nn.GroupNorm
+                                                                 | nn.modules.batchnorm._NormBase)
+                   for p in m.parameters(recurse=False)}
+    for name, param in module.named_parameters():
+        if not name.startswith("student_"):
+            continue
+        if param.ndim <= 1 or name.endswith("bias") or id(param) in norm_params:
+            assert id(param) in no_decay, f"{name} is decayed"
+        else:
+            assert id(param) in decay, f"{name} is not decayed"
+    assert any(n.endswith("norm.weight") and id(p) in no_decay
+               for n, p in module.named_parameters())
+
+    # Weight decay: 0 for no_decay at every step; cosine from 0.04 to 0.4 for decay.
+    for step, g in probe.steps:
+        assert g["no_decay"][0] == 0.0, f"step {step}"
+        wd = cosine_schedule(step, total, hp["weight_decay"], hp["weight_decay_end"])
+        assert g["decay"][0] == pytest.approx(wd), f"step {step}"
+        lr = warmup_cosine(step, total, hp["warmup_epochs"] * per_epoch, hp["lr"], hp["min_lr"])
+        assert g["decay"][1] == g["no_decay"][1] == pytest.approx(lr), f"step {step}"
+    wds = [g["decay"][0] for _, g in probe.steps]
+    assert wds[0] == pytest.approx(0.04) and wds[-1] == pytest.approx(0.4)
+    assert wds == sorted(wds) and len(set(wds)) == total
+    lrs = [g["decay"][1] for _, g in probe.steps]
+    assert lrs[per_epoch - 1] == pytest.approx(hp["lr"]) == lrs[per_epoch]
+    assert lrs[:per_epoch] == sorted(lrs[:per_epoch])
+    assert lrs[per_epoch:] == sorted(lrs[per_epoch:], reverse=True)
+    assert lrs[-1] == pytest.approx(hp["min_lr"])
+
+
+@pytest.mark.parametrize(
+    ("total", "warmup", "peak", "end"),
+    [
+        pytest.param(100, 10, 1e-3, 1e-6, id="warmup-10-of-100"),
+        pytest.param(50, 1, 5e-4, 0.0, id="warmup-1-min-zero"),
+        pytest.param(20, 5, 1.0, 0.5, id="warmup-5-of-20"),
+    ],
+)
+def test_warmup_cosine(total: int, warmup: int, peak: float, end: float) -> None:
+    values = [warmup_cosine(s, total, warmup, peak, end) for s in range(total)]
+    assert values[0] == pytest.approx(peak / warmup) and values[0] > 0
+    assert values[warmup - 1] == pytest.approx(peak)  # last warm-up step reaches the peak
+    assert values[warmup] == pytest.approx(peak)  # the cosine starts at the peak
+    assert values[-1] == pytest.approx(end)
+    for s in range(warmup):  # linear warm-up
+        assert values[s] == pytest.approx(peak * (s + 1) / warmup)
+    assert values[:warmup] == sorted(values[:warmup])
+    assert values[warmup:] == sorted(values[warmup:], reverse=True)
+    assert max(values) == pytest.approx(peak) and min(values[warmup:]) == pytest.approx(end)
+    mid = warmup + (total - warmup - 1) / 2
+    if mid == int(mid):  # halfway through the cosine: halfway between peak and end
+        assert values[int(mid)] == pytest.approx((peak + end) / 2)
+
+
+def test_warmup_cosine_without_warmup_starts_at_peak() -> None:
+    assert warmup_cosine(0, 10, 0, 1e-3, 1e-6) == pytest.approx(1e-3)
+    assert warmup_cosine(9, 10, 0, 1e-3, 1e-6) == pytest.approx(1e-6)
+
+
+# ----- last layer frozen in the first epoch ------------------------------------------------------
+class _AfterEpoch0(L.Callback):
+    def on_train_epoch_end(self, trainer: L.Trainer, module: DINO) -> None:
+        if trainer.current_epoch == 0:
+            self.head = _clone(module.student_head)
+
+
+def test_last_layer_frozen_during_first_epoch(tmp_path: Path) -> None:
+    module, probe = _module(freeze_last_layer=1, lr=1e-2, min_lr=1e-2), _AfterEpoch0()
+    start = _clone(module.student_head)
+    _trainer(tmp_path, max_epochs=2, callbacks=[probe]).fit(module, _loader(4))
+    end = _clone(module.student_head)
+    last = "last_layer.weight_v"
+    assert torch.equal(probe.head[last], start[last]), "last layer moved in epoch 0"
+    assert not torch.equal(end[last], probe.head[last]), "last layer did not move in epoch 1"
+    # The rest of the head trains from the first epoch on.
+    assert not torch.equal(probe.head["layers.0.weight"], start["layers.0.weight"])
+    # norm_last_layer keeps the weight-norm gain at 1 throughout.
+    assert torch.equal(end["last_layer.weight_g"], torch.ones_like(end["last_layer.weight_g"]))
+
+
+# ----- validation and failures -------------------------------------------------------------------
+def test_validation_does_not_move_the_center(tmp_path: Path) -> None:
+    module = _module()
+    trainer = _trainer(tmp_path, max_steps=2)
+    trainer.fit(module, _loader(4))
+    center = module.criterion.center.clone()
+    assert not torch.equal(center, torch.zeros_like(center)), "training should move the centre"
+    trainer.validate(module, dataloaders=_loader(4), verbose=False)
+    assert torch.equal(module.criterion.center, center)
+    assert torch.isfinite(trainer.callback_metrics["val_dino_loss"])
+
+
+@pytest.mark.parametrize(
+    "fill",
+    [pytest.param(float("nan"), id="nan-crop"), pytest.param(float("inf"), id="inf-crop")],
+)
+def test_non_finite_loss_raises(tmp_path: Path, fill: float) -> None:
+    module = _module()
+    with pytest.raises(FloatingPointError, match="DINO loss is nan at step 0"):
+        _trainer(tmp_path, max_steps=1).fit(module, _loader(2, fill=fill))
+    assert module.ema_updates == 0
+
+
+# ----- every backbone trains ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("backbone", "global_size", "local_size"),
+    [
+        pytest.param(TINY_VIT, GLOBAL, LOCAL, id="vit"),
+        pytest.param({"name": "swin_unetr", "feature_size": 12, "depths": [1, 1, 1, 1],
+                      "num_heads": [1, 1, 1, 1]}, (32, 32, 32), (32, 32, 32), id="swin_unetr"),
+        pytest.param({"name": "unet3d"}, GLOBAL, LOCAL, id="unet3d"),
+    ],
+)
+def test_one_training_step_per_backbone(tmp_path: Path, backbone: dict,
+                                        global_size: tuple[int, ...],
+                                        local_size: tuple[int, ...]) -> None:
+    module = _module(backbone, lr=1e-3, min_lr=1e-3)
+    before = _clone(module.student_backbone)
+    trainer = _trainer(tmp_path, max_steps=1)
+    trainer.fit(module, _loader(2, global_size=global_size, local_size=local_size))
+    assert module.ema_updates == trainer.global_step == 1
+    assert torch.isfinite(trainer.callback_metrics["dino_loss"])
+    after = _clone(module.student_backbone)
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    assert len(changed) > len(before) // 2, "the student backbone barely trained"
