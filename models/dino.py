@@ -16,11 +16,7 @@ import torch
 import torch.nn.functional as F
 from lightly.loss import DINOLoss
 from lightly.models.modules import DINOProjectionHead
-from lightly.models.utils import (
-    deactivate_requires_grad,
-    get_weight_decay_parameters,
-    update_momentum,
-)
+from lightly.models.utils import deactivate_requires_grad, update_momentum
 from lightly.utils.scheduler import cosine_schedule
 from torch import Tensor, nn
 
@@ -123,9 +119,11 @@ class DINO(L.LightningModule):
 
     # ----- schedules (pure functions of the optimizer step) ----------------------------
     def _steps(self) -> tuple[int, int]:
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        per_epoch = max(total // max(self.trainer.max_epochs or 1, 1), 1)
-        return total, per_epoch
+        """Optimizer steps in the whole run and in one epoch."""
+        trainer = self.trainer
+        total = max(int(trainer.estimated_stepping_batches), 1)
+        per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+        return total, max(min(per_epoch, total), 1)
 
     def schedules(self) -> dict[str, float]:
         hp, step = self.hparams, self.global_step
@@ -188,8 +186,13 @@ class DINO(L.LightningModule):
             experiment.add_image("train/crops", crop_grid(self._grid_batch), self.current_epoch)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        decay, no_decay = get_weight_decay_parameters([self.student_backbone,
-                                                       self.student_head])
+        # facebookresearch/dino utils.get_params_groups: biases and every 1-D parameter
+        # (norm scales, PReLU slopes) are not regularised.
+        decay, no_decay = [], []
+        for module in (self.student_backbone, self.student_head):
+            for name, param in module.named_parameters():
+                if param.requires_grad:
+                    (no_decay if name.endswith(".bias") or param.ndim <= 1 else decay).append(param)
         return torch.optim.AdamW([
             {"name": "decay", "params": decay, "weight_decay": self.hparams.weight_decay,
              "decay": True},

@@ -95,7 +95,7 @@ def test_optimizer_holds_exactly_the_student_parameters() -> None:
     held = [id(p) for group in optimizer.param_groups for p in group["params"]]
     assert len(held) == len(set(held)), "a parameter is in two groups"
     student = {id(p) for m in (module.student_backbone, module.student_head)
-               for p in m.parameters()}
+               for p in m.parameters() if p.requires_grad}  # frozen weight_g needs no slot
     teacher = {id(p) for m in (module.teacher_backbone, module.teacher_head)
                for p in m.parameters()}
     assert set(held) == student
@@ -176,7 +176,7 @@ def test_weight_decay_groups_and_schedules(tmp_path: Path) -> None:
                                                                  | nn.modules.batchnorm._NormBase)
                    for p in m.parameters(recurse=False)}
     for name, param in module.named_parameters():
-        if not name.startswith("student_"):
+        if not name.startswith("student_") or not param.requires_grad:
             continue
         if param.ndim <= 1 or name.endswith("bias") or id(param) in norm_params:
             assert id(param) in no_decay, f"{name} is decayed"
