@@ -105,6 +105,8 @@ class _Snapshot(L.Callback):
         self.start = (trainer.global_step, {k: v.clone() for k, v in
                                             module.teacher_backbone.state_dict().items()},
                       module.criterion.center.clone())
+        self.optimizer_state = {i: {k: v.clone() for k, v in state.items()} for i, state in
+                                trainer.optimizers[0].state_dict()["state"].items()}
 
     def on_train_epoch_start(self, trainer: L.Trainer, module: DINO) -> None:
         if trainer.current_epoch == self.stop_at_epoch:
@@ -130,7 +132,8 @@ def test_interrupted_run_resumes(dino_cfg: DictConfig, monkeypatch: pytest.Monke
         run_dino(dino_cfg)
     assert callbacks[-1].stopped_at == 6
     last = Path(dino_cfg.results_dir) / "resume" / "checkpoints" / "last.ckpt"
-    saved = torch.load(last, weights_only=True)["state_dict"]
+    checkpoint = torch.load(last, weights_only=True)
+    saved = checkpoint["state_dict"]
     callbacks.append(_Snapshot())
     second = run_dino(dino_cfg)  # the same command again
     step, teacher, center = callbacks[-1].start
@@ -138,6 +141,10 @@ def test_interrupted_run_resumes(dino_cfg: DictConfig, monkeypatch: pytest.Monke
     for name, value in teacher.items():
         assert torch.equal(value, saved[f"teacher_backbone.{name}"])
     assert torch.equal(center, saved["criterion.center"])
+    restored = callbacks[-1].optimizer_state
+    for index, state in checkpoint["optimizer_states"][0]["state"].items():
+        assert torch.equal(restored[index]["exp_avg"], state["exp_avg"])
+        assert torch.equal(restored[index]["step"], state["step"])
     assert not torch.equal(center, torch.zeros_like(center))
 
 
