@@ -123,4 +123,4 @@ def build_trainer(cfg: DictConfig, monitor: str | None, backbone_attr: str) -> L
         accumulate_grad_batches=cfg.accumulate_grad_batches, logger=build_loggers(cfg),
         callbacks=checkpoint_callbacks(cfg, monitor, backbone_attr),
         sync_batchnorm=True,  # batch-norm statistics over all GPUs under DDP; no-op otherwise
-        log_every_n_steps=1, num_sanity_val_steps=0)
+        log_every_n_steps=1, num_sanity_val_steps=0, enable_progress_bar=cfg.progress_bar)

@@ -209,3 +209,10 @@ def test_clearml_not_configured_falls_back(dino_cfg: DictConfig, tmp_path: Path,
     trainer = run_dino(dino_cfg)
     assert [type(lg).__name__ for lg in trainer.loggers] == ["TensorBoardLogger"]
     assert "ClearML is not configured" in caplog.text
+
+
+def test_csv_without_knn_target_trains_without_monitor(dino_cfg: DictConfig, demo) -> None:
+    _set(dino_cfg, csv_path=str(demo.ssl_csv), experiment="noknn")
+    trainer = run_dino(dino_cfg)
+    assert "val/knn_accuracy" not in trainer.callback_metrics
+    assert "val_dino_loss" in trainer.callback_metrics
