@@ -10,10 +10,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from medssl.models.backbones import UNet3DEncoder
+from medssl.models.backbones import UNet3DEncoder, build_backbone
 from medssl.models.clearml_logger import ClearMLLogger
 from medssl.models.dino import DINO
 from medssl.models.runs import run_dino
@@ -40,6 +40,17 @@ def test_readme_commands_compose() -> None:
     assert oai.batch_size == 4 and oai.n_crops == 4
     for name in ("vit", "swin_unetr", "unet3d"):
         assert compose("dino", [f"backbone={name}"]).backbone.name == name
+
+
+@pytest.mark.parametrize("overrides", [["backbone=vit"], ["backbone=swin_unetr"],
+                                       ["backbone=unet3d"], ["preset=oai"],
+                                       ["preset=oai", "backbone=vit"]],
+                         ids=["vit", "swin_unetr", "unet3d", "oai", "oai-vit"])
+def test_default_crops_fit_each_backbone(overrides: list[str]) -> None:
+    cfg = compose("dino", ["csv_path=x", *overrides])
+    backbone = build_backbone(**OmegaConf.to_container(cfg.backbone, resolve=True))
+    for what in ("global_crop_size", "local_crop_size"):
+        backbone.check_input_size(cfg[what], what)
 
 
 def test_every_config_key_is_used() -> None:
