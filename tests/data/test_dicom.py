@@ -185,3 +185,15 @@ def test_multiframe_file_equals_series(series: Path, tmp_path: Path, legacy: boo
     multi = load_volume(path)
     np.testing.assert_array_equal(multi.array, single.array)
     np.testing.assert_allclose(multi.affine, single.affine, atol=1e-4)
+
+
+@pytest.mark.parametrize("syntax", [pydicom.uid.RLELossless, pydicom.uid.JPEG2000Lossless],
+                         ids=["rle", "jpeg2000"])
+def test_compressed_series_equals_uncompressed(series: Path, syntax: pydicom.uid.UID) -> None:
+    before = load_volume(series)
+    for path, ds in _files(series):
+        ds.compress(syntax)
+        ds.save_as(path)
+    after = load_volume(series)
+    assert after.meta["transfer_syntax"] == syntax
+    np.testing.assert_array_equal(after.array, before.array)

@@ -96,3 +96,21 @@ def test_convert_writes_what_the_loader_reads(real_data: Path, tmp_path: Path) -
     volume = load_volume(series)
     np.testing.assert_array_equal(written.get_fdata(), volume.array[0])
     np.testing.assert_allclose(written.affine, volume.affine, atol=1e-5)
+
+
+def test_installed_decoders_cover_common_transfer_syntaxes(real_data: Path) -> None:
+    """dcm_qa_ts: one image in 9 syntaxes (explicit/implicit/big endian, RLE, JPEG lossless,
+    JPEG-LS, JPEG 2000); every one must decode to the same pixels with our dependencies."""
+    import pydicom
+
+    files = sorted((real_data / "dcm_qa_ts/In").glob("*.dcm"))
+    assert len(files) == 9
+    reference = pydicom.dcmread(files[0]).pixel_array
+    for path in files[1:]:
+        np.testing.assert_array_equal(pydicom.dcmread(path).pixel_array, reference,
+                                      err_msg=str(path))
+
+
+def test_siemens_mosaic_is_refused_clearly(real_data: Path) -> None:
+    with pytest.raises(ValueError, match="mosaic images are not unpacked"):
+        load_volume(real_data / "dcm_qa_ts/In/1.dcm")
