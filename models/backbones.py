@@ -155,6 +155,10 @@ class ViTBackbone(Backbone):
                              use_flash_attention=dropout_rate == 0.0)
             for _ in range(num_layers)
         )
+        for block in self.blocks:
+            # MONAI builds this LayerNorm even without cross-attention; left in place its
+            # never-used parameters make DDP fail ("parameters that were not used").
+            block.norm_cross_attn = nn.Identity()
         self.norm = nn.LayerNorm(hidden_size)
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)

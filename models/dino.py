@@ -225,7 +225,8 @@ class DINO(L.LightningModule):
                                self._gather([f for f, _ in query]),
                                self._gather([y for _, y in query]),
                                k=self.hparams.knn_k, temperature=self.hparams.knn_temperature)
-            self.log("val/knn_accuracy", acc, add_dataloader_idx=False)
+            # Every rank computed the same value from the gathered features.
+            self.log("val/knn_accuracy", acc, add_dataloader_idx=False, sync_dist=True)
         self._knn = {1: [], 2: []}
 
     def _gather(self, parts: list[Tensor]) -> Tensor:

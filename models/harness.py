@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -114,6 +115,10 @@ def save_config(cfg: DictConfig) -> None:
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
 
+def _on_gpu(accelerator: str) -> bool:
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
 def build_trainer(cfg: DictConfig, monitor: str | None, backbone_attr: str) -> L.Trainer:
     """Lightning trainer: CPU, one GPU or DDP over devices/nodes, chosen by ``accelerator``,
     ``devices`` and ``num_nodes``."""
@@ -122,5 +127,6 @@ def build_trainer(cfg: DictConfig, monitor: str | None, backbone_attr: str) -> L
         devices=cfg.devices, num_nodes=cfg.num_nodes, precision=cfg.precision,
         accumulate_grad_batches=cfg.accumulate_grad_batches, logger=build_loggers(cfg),
         callbacks=checkpoint_callbacks(cfg, monitor, backbone_attr),
-        sync_batchnorm=True,  # batch-norm statistics over all GPUs under DDP; no-op otherwise
+        # Batch-norm statistics over all GPUs under DDP (SyncBatchNorm only runs on GPUs).
+        sync_batchnorm=_on_gpu(cfg.accelerator),
         log_every_n_steps=1, num_sanity_val_steps=0, enable_progress_bar=cfg.progress_bar)

@@ -18,7 +18,7 @@ from medssl.models.clearml_logger import ClearMLLogger
 from medssl.models.dino import DINO
 from medssl.models.runs import run_dino
 from medssl.models.weights import load_backbone
-from tests.conftest import REPO, compose
+from tests.conftest import REPO, TINY_DINO, compose
 
 SCRIPT = REPO / "self_supervised" / "dino.py"
 
@@ -227,3 +227,23 @@ def test_csv_without_knn_target_trains_without_monitor(dino_cfg: DictConfig, dem
     trainer = run_dino(dino_cfg)
     assert "val/knn_accuracy" not in trainer.callback_metrics
     assert "val_dino_loss" in trainer.callback_metrics
+
+
+def test_ddp_on_two_cpu_processes(demo, tmp_path: Path) -> None:
+    """Lightning DDP (gloo) from the command line, as on a multi-GPU machine."""
+    tiny = [o for o in TINY_DINO if not o.startswith("devices=")]
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *tiny, "devices=2", "n_epochs=2",
+         f"results_dir={tmp_path}", f"csv_path={demo.classification_csv}"],
+        capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = tmp_path / "dino_demo" / "checkpoints"
+    checkpoint = torch.load(folder / "last.ckpt", weights_only=True)
+    # 7 training volumes over 2 ranks: 4 each (padded by the sampler), batch 2 -> 2 steps
+    # per epoch on every rank.
+    assert checkpoint["global_step"] == 4 and checkpoint["epoch"] == 1
+    backbone, report = load_backbone(folder / "backbone.pt")
+    assert report.complete
+    events = EventAccumulator(str(next((tmp_path / "dino_demo" / "tensorboard").glob("ev*"))))
+    events.Reload()
+    assert len(events.Scalars("val/knn_accuracy")) == 2
