@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from monai.networks.blocks import TransformerBlock
 from monai.networks.layers import Conv, Norm, Pool, trunc_normal_
-from monai.networks.nets.swin_unetr import SwinTransformer
+from monai.networks.nets.swin_unetr import PatchMerging, SwinTransformer
 from monai.utils import look_up_option
 from torch import nn
 
@@ -203,13 +203,35 @@ class ViTBackbone(Backbone):
         return self.forward_tokens(x)[:, 0]
 
 
+class LegacyPatchMerging(PatchMerging):
+    """MONAI < 1.5 3D patch merging, kept to reproduce published SwinUNETR/SuPreM weights.
+
+    Those checkpoints were trained with this slice order, which repeats two of the eight
+    2x2x2 neighbours (MONAI issues #4757, #8284; fixed in MONAI 1.5). Same parameters as
+    ``PatchMerging``, so the weights load either way; only the features differ.
+    """
+
+    # (depth, height, width) offsets in concatenation order; (0,1,0) and (0,0,1) twice.
+    OFFSETS = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 0, 1), (0, 1, 0), (0, 0, 1),
+               (1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 5:
+            return super().forward(x)  # 2D merging was never affected
+        d, h, w = x.shape[1:4]
+        if d % 2 or h % 2 or w % 2:
+            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2, 0, d % 2))
+        parts = [x[:, i::2, j::2, k::2, :] for i, j, k in self.OFFSETS]
+        return self.reduction(self.norm(torch.cat(parts, -1)))
+
+
 class SwinEncoder(Backbone):
     """The Swin transformer encoder of MONAI's SwinUNETR, globally pooled.
 
     The submodule is named ``swinViT`` so parameter names equal SwinUNETR's
     (``swinViT.layers1.0...``), the names SuPreM and Swin UNETR checkpoints use. MONAI >= 1.5
-    changed the patch-merging slice order, so checkpoints trained before give slightly different
-    features (see weight_formats.md).
+    changed the patch-merging slice order; ``legacy_patch_merging=True`` keeps the old one,
+    which published checkpoints were trained with (see weight_formats.md).
 
     Args:
         spatial_dims: 3 for volumes, 2 for slices.
@@ -219,6 +241,7 @@ class SwinEncoder(Backbone):
         num_heads: attention heads in each of the 4 stages.
         use_checkpoint: gradient checkpointing (less memory, more compute).
         use_v2: SwinUNETR-v2 residual convolution at the start of each stage.
+        legacy_patch_merging: use the MONAI < 1.5 merging order (for published weights).
     """
 
     name = "swin_unetr"
@@ -233,6 +256,7 @@ class SwinEncoder(Backbone):
         num_heads: Sequence[int] = (3, 6, 12, 24),
         use_checkpoint: bool = False,
         use_v2: bool = False,
+        legacy_patch_merging: bool = False,
     ) -> None:
         _check_spatial_dims(spatial_dims)
         _check_positive_int("in_channels", in_channels)
@@ -256,6 +280,7 @@ class SwinEncoder(Backbone):
             "name": self.name, "spatial_dims": spatial_dims, "in_channels": in_channels,
             "feature_size": feature_size, "depths": depths, "num_heads": num_heads,
             "use_checkpoint": bool(use_checkpoint), "use_v2": bool(use_v2),
+            "legacy_patch_merging": bool(legacy_patch_merging),
         }
         self.spatial_dims, self.in_channels = spatial_dims, in_channels
         self.out_dim = 16 * feature_size
@@ -265,7 +290,8 @@ class SwinEncoder(Backbone):
             patch_size=(2,) * spatial_dims, depths=depths, num_heads=num_heads, mlp_ratio=4.0,
             qkv_bias=True, drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0,
             norm_layer=nn.LayerNorm, patch_norm=False, use_checkpoint=use_checkpoint,
-            spatial_dims=spatial_dims, downsample="merging", use_v2=use_v2,
+            spatial_dims=spatial_dims, use_v2=use_v2,
+            downsample=LegacyPatchMerging if legacy_patch_merging else "merging",
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -160,3 +160,30 @@ def test_vit_with_dropout_is_deterministic_in_eval():
     x = torch.randn(1, 1, 16, 32, 32)
     with torch.no_grad():
         assert torch.equal(vit(x), vit(x))
+
+
+def test_legacy_patch_merging_reproduces_the_old_order() -> None:
+    """MONAI < 1.5 concatenated neighbours (0,1,0) and (0,0,1) twice; published weights
+    expect that. Same parameters either way, different features."""
+    from monai.networks.nets.swin_unetr import PatchMerging
+
+    from medssl.models.backbones import LegacyPatchMerging
+
+    torch.manual_seed(0)
+    new, old = PatchMerging(dim=4, spatial_dims=3), LegacyPatchMerging(dim=4, spatial_dims=3)
+    old.load_state_dict(new.state_dict())
+    x = torch.randn(1, 4, 6, 4, 4)  # (B, D, H, W, C), odd channel mixing visible
+    expected_parts = [x[:, i::2, j::2, k::2, :] for i, j, k in
+                      [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 0, 1), (0, 1, 0),
+                       (0, 0, 1), (1, 1, 1)]]
+    expected = old.reduction(old.norm(torch.cat(expected_parts, -1)))
+    torch.testing.assert_close(old(x), expected)
+    assert not torch.allclose(old(x), new(x))
+    legacy = build_backbone("swin_unetr", feature_size=12, depths=(1, 1, 1, 1),
+                            legacy_patch_merging=True)
+    current = build_backbone("swin_unetr", feature_size=12, depths=(1, 1, 1, 1))
+    assert legacy.state_dict().keys() == current.state_dict().keys()
+    assert legacy.config["legacy_patch_merging"] is True
+    current.load_state_dict(legacy.state_dict())
+    volume = torch.randn(1, 1, 32, 32, 32)
+    assert not torch.allclose(legacy(volume), current(volume))
