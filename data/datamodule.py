@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -9,7 +10,17 @@ import lightning as L
 from monai.data import DataLoader, Dataset
 from monai.transforms import Resized
 
-from medssl.data.pipeline import IMAGE, Preprocessing, make_datasets
+from medssl.data.pipeline import (
+    IMAGE,
+    Preprocessing,
+    build_dataset,
+    make_datasets,
+    preprocessing_transforms,
+    to_items,
+)
+from medssl.data.table import Cohort, category_order, is_missing
+
+log = logging.getLogger(__name__)
 
 
 class CohortDataModule(L.LightningDataModule):
@@ -44,7 +55,7 @@ class CohortDataModule(L.LightningDataModule):
         self.train_folds, self.val_folds = train_folds, val_folds
         self.settings, self.batch_size, self.n_workers = settings, batch_size, n_workers
         self.train_augment, self.val_augment = list(train_augment), list(val_augment)
-        self.targets = list(dict.fromkeys([*targets, *([knn_target] if knn_target else [])]))
+        self.targets = list(targets)
         self.knn_target, self.knn_size = knn_target, knn_size
         self.cache, self.cache_dir, self.reset_cache = cache, cache_dir, reset_cache
         self.datasets: dict[str, Dataset] = {}
@@ -53,18 +64,36 @@ class CohortDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        splits = {"train": self.train_folds, "val": self.val_folds}
-        augment = {"train": self.train_augment, "val": self.val_augment}
-        if self.knn_target and self.val_folds:
-            resize = [Resized(IMAGE, spatial_size=list(self.knn_size), mode="trilinear")]
-            splits |= {"knn_bank": self.train_folds, "knn_query": self.val_folds}
-            augment |= {"knn_bank": resize, "knn_query": resize}
         self.datasets, cohort = make_datasets(
-            self.csv_path, self.task, splits, self.settings, targets=self.targets,
-            augment=augment, cache=self.cache, cache_dir=self.cache_dir,
-            reset_cache=self.reset_cache)
+            self.csv_path, self.task, {"train": self.train_folds, "val": self.val_folds},
+            self.settings, targets=self.targets,
+            augment={"train": self.train_augment, "val": self.val_augment}, cache=self.cache,
+            cache_dir=self.cache_dir, reset_cache=self.reset_cache)
         self.encodings = cohort.encodings
+        if self.knn_target and self.val_folds:
+            self.datasets |= self._knn_datasets(cohort)
 
+    def _knn_datasets(self, cohort: Cohort) -> dict[str, Dataset]:
+        """Un-augmented train ("bank") and val ("query") sets of the rows that have a
+        ``knn_target`` value; unlabelled rows still train, they only skip the monitor."""
+        target = self.knn_target
+        labelled = [r for r in cohort.records if not is_missing(r[target])]
+        categories = category_order(r[target] for r in labelled)
+        self.encodings[target] = categories
+        if len(labelled) < len(cohort.records):
+            log.info("k-NN monitor: %d of %d rows have a %s value", len(labelled),
+                     len(cohort.records), target)
+        labelled_ids = {r["row"] for r in labelled}
+        steps = [*preprocessing_transforms(self.settings, label=False),
+                 Resized(IMAGE, spatial_size=list(self.knn_size), mode="trilinear")]
+        out = {}
+        for name, folds in (("knn_bank", self.train_folds), ("knn_query", self.val_folds)):
+            rows = [dict(r, **{target: categories.index(r[target])})
+                    for r in cohort.select(folds) if r["row"] in labelled_ids]
+            if rows:
+                out[name] = build_dataset(to_items(rows, self.task), steps, self.settings,
+                                          self.cache, self.cache_dir)
+        return out if len(out) == 2 else {}
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         return DataLoader(self.datasets[name], batch_size=self.batch_size, shuffle=shuffle,
                           num_workers=self.n_workers, drop_last=shuffle,

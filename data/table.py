@@ -56,11 +56,11 @@ def _fail(csv_path: Path, problems: list[str]) -> None:
     )
 
 
-def _missing(value: object) -> bool:
+def is_missing(value: object) -> bool:
     return str(value).strip().lower() in MISSING
 
 
-def _category_order(values: Iterable[str]) -> list[str]:
+def category_order(values: Iterable[str]) -> list[str]:
     """Sorted categories: numerically when all are numbers, else as text."""
     values = sorted(set(values))
     try:
@@ -147,12 +147,12 @@ def read_cohort(
 
     encodings = dict(encodings or {})
     for target in targets:
-        values = [r[target] for r in records if not _missing(r[target])]
-        categories = encodings.get(target) or _category_order(values)
+        values = [r[target] for r in records if not is_missing(r[target])]
+        categories = encodings.get(target) or category_order(values)
         encodings[target] = list(categories)
         index = {c: n for n, c in enumerate(categories)}
         for r in records:
-            if _missing(r[target]):
+            if is_missing(r[target]):
                 continue
             if r[target] not in index:
                 problems.append(f"{r['row']}: {target}='{r[target]}' is not one of the known "
@@ -167,7 +167,7 @@ def read_cohort(
 def _check_row(row: dict, task: str, targets: Sequence[str], base: Path) -> list[str]:
     """Validate one row in place (resolving paths, parsing numbers); return its problems."""
     bad = []
-    if _missing(row["PatientID"]):
+    if is_missing(row["PatientID"]):
         bad.append("empty PatientID")
     fold = row["fold"]
     named = NAMED_FOLDS.get(task)
@@ -181,7 +181,7 @@ def _check_row(row: dict, task: str, targets: Sequence[str], base: Path) -> list
     for col in PATH_COLUMNS:
         if col not in TASK_COLUMNS[task]:
             continue
-        if _missing(row[col]):
+        if is_missing(row[col]):
             bad.append(f"{col} is empty")
             continue
         p = Path(row[col]).expanduser()
@@ -206,7 +206,7 @@ def _check_row(row: dict, task: str, targets: Sequence[str], base: Path) -> list
         except ValueError:
             bad.append(f"max_val '{row['max_val']}' is not a positive number")
     for target in targets:
-        if _missing(row[target]):
+        if is_missing(row[target]):
             bad.append(f"target {target} is missing (NaN/empty)")
     return bad
 

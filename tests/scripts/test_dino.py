@@ -247,3 +247,19 @@ def test_ddp_on_two_cpu_processes(demo, tmp_path: Path) -> None:
     events = EventAccumulator(str(next((tmp_path / "dino_demo" / "tensorboard").glob("ev*"))))
     events.Reload()
     assert len(events.Scalars("val/knn_accuracy")) == 2
+
+
+def test_unlabelled_rows_train_but_skip_the_knn_monitor(dino_cfg: DictConfig, demo,
+                                                        caplog) -> None:
+    import pandas as pd
+
+    df = pd.read_csv(demo.classification_csv)
+    df.loc[[0, 1], "V00COHORT"] = None  # two subjects without the target
+    csv = demo.root / "partly_labelled.csv"
+    df.to_csv(csv, index=False)
+    _set(dino_cfg, csv_path=str(csv), experiment="partial")
+    with caplog.at_level("INFO"):
+        trainer = run_dino(dino_cfg)
+    assert "k-NN monitor: 6 of 8 rows have a V00COHORT value" in caplog.text
+    assert "val/knn_accuracy" in trainer.callback_metrics
+    assert trainer.global_step == 3  # all 7 training rows still train: 3 batches of 2
