@@ -33,7 +33,7 @@ from medssl.data.dicom_header import (
 )
 
 __all__ = ["DicomError", "DicomFile", "Frame", "SeriesKey", "read_header", "read_series",
-           "scan_folder", "select_series", "series_geometry", "slice_normal"]
+           "scan_folder", "scan_path", "select_series", "series_geometry", "slice_normal"]
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,10 @@ class SeriesGeometry:
 def series_geometry(files: Sequence[DicomFile], label: str) -> SeriesGeometry:
     """Order the frames in space and build the affine; raise on geometry we cannot represent."""
     first = files[0]
+    multi = [f for f in files if f.n_frames > 1]
+    if multi and len(files) > 1:
+        raise DicomError(f"series {label}: mixes a multi-frame file ({multi[0].path}) with "
+                         f"{len(files) - 1} other file(s)")
     for f in files[1:]:
         if (f.rows, f.columns) != (first.rows, first.columns):
             raise DicomError(f"series {label}: {f.path} is {f.rows}x{f.columns}, "
@@ -222,6 +226,18 @@ def decode_series(geometry: SeriesGeometry, label: str) -> np.ndarray:
     return out
 
 
+def scan_path(path: str | Path) -> dict[SeriesKey, list[DicomFile]]:
+    """Headers of a DICOM folder (``scan_folder``) or of one DICOM file, grouped by series."""
+    path = Path(path)
+    if path.is_dir():
+        return scan_folder(path)
+    header = read_header(str(path))
+    if header is None:
+        raise DicomError(f"{path}: not a DICOM file")
+    check_not_truncated(header)
+    return {header.key: [header]}
+
+
 def read_series(path: str | Path, series: str | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Read a DICOM series from a folder (or a single, possibly multi-frame, file).
 
@@ -230,21 +246,8 @@ def read_series(path: str | Path, series: str | None = None) -> tuple[np.ndarray
         the RAS affine of that grid (not yet reoriented);
         metadata without patient-identifying fields.
     """
-    path = Path(path)
-    if path.is_dir():
-        groups = scan_folder(path)
-    else:
-        header = read_header(str(path))
-        if header is None:
-            raise DicomError(f"{path}: not a DICOM file")
-        check_not_truncated(header)
-        groups = {header.key: [header]}
-    key, files = select_series(groups, path, series)
+    key, files = select_series(scan_path(path), path, series)
     label = key.label()
-    multi = [f for f in files if f.n_frames > 1]
-    if multi and len(files) > 1:
-        raise DicomError(f"series {label}: mixes a multi-frame file ({multi[0].path}) with "
-                         f"{len(files) - 1} other file(s)")
     geometry = series_geometry(files, label)
     array = decode_series(geometry, label)
     first = files[0]

@@ -103,7 +103,6 @@ def load_volume(path: str | Path, series: str | None = None) -> Volume:
         spacing=tuple(float(z) for z in np.sqrt((affine_ras[:3, :3] ** 2).sum(axis=0))),
         original_affine=affine,
         original_axcodes=codes,
-        spatial_shape=array.shape[1:],
     )
     return Volume(np.ascontiguousarray(array, dtype=np.float32), affine_ras, meta)
 
@@ -137,13 +136,7 @@ def read_volume_info(path: str | Path, series: str | None = None) -> VolumeInfo:
         affine, shape = img.affine, img.shape[:3]
         modality, n_series = "", 1
     else:
-        if path.is_dir():
-            groups = dicom.scan_folder(path)
-        else:
-            header = dicom.read_header(str(path))
-            if header is None:
-                raise VolumeError(f"{path}: not a DICOM or NIfTI file")
-            groups = {header.key: [header]}
+        groups = dicom.scan_path(path)
         key, files = dicom.select_series(groups, path, series)
         geometry = dicom.series_geometry(files, key.label())
         affine, shape = dicom.LPS_TO_RAS @ geometry.affine_lps, geometry.shape
@@ -177,7 +170,7 @@ def save_nifti(volume: Volume, out_path: str | Path) -> None:
 
 
 def to_metatensor(volume: Volume) -> MetaTensor:
-    meta = {k: v for k, v in volume.meta.items() if k != "spatial_shape"}
+    meta = dict(volume.meta)
     meta[MetaKeys.SPACE] = SpaceKeys.RAS
     meta[MetaKeys.SPATIAL_SHAPE] = np.asarray(volume.array.shape[1:])
     meta[MetaKeys.ORIGINAL_CHANNEL_DIM] = 0

@@ -197,3 +197,19 @@ def test_compressed_series_equals_uncompressed(series: Path, syntax: pydicom.uid
     after = load_volume(series)
     assert after.meta["transfer_syntax"] == syntax
     np.testing.assert_array_equal(after.array, before.array)
+
+
+def test_truncated_single_file_caught_from_headers(series: Path) -> None:
+    path = _files(series)[3][0]
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DicomError, match="truncated"):
+        read_volume_info(path)  # the same check for a file as for a folder
+
+
+def test_multiframe_file_mixed_with_slices_is_refused(series: Path, tmp_path: Path) -> None:
+    path = _to_multiframe(series, tmp_path)
+    path.rename(series / "enhanced.dcm")
+    for check in (load_volume, read_volume_info):
+        with pytest.raises(DicomError, match="mixes a multi-frame file"):
+            check(series)
