@@ -1,0 +1,1 @@
+"""The run layer every entry script shares: config schema, results folder, weights, trainer."""
