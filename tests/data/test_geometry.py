@@ -145,3 +145,41 @@ def test_arrays_off_the_grid_are_refused(cases: Path) -> None:
     item = make_datasets(cases, "segmentation", {"train": "train"}, Preprocessing())[0]["train"][0]
     with pytest.raises(ValueError, match=r"shape \(1, 5, 5, 5\) is not on the preprocessed grid"):
         invert_to_file_grid(torch.zeros(1, 5, 5, 5), item["geometry"])
+
+
+def test_real_label_maps_return_to_their_grids(real_data: Path, tmp_path: Path) -> None:
+    """An LPS MR with its NIfTI label map, and a glioblastoma T1 series with its tumour mask
+    stored as a DICOM series: masks inverted onto the image file's grid match the files."""
+    ts = real_data / "totalsegmentator"
+    pgbm = real_data / "tcia_brain_tumor_progression_PGBM-001/PGBM-001_1992-04-02"
+    rows = [["mr", ts / "example_mr_sm.nii.gz", ts / "example_seg_mr.nii.gz", "train", 1000],
+            ["pgbm", pgbm / "11-T1post-80644", pgbm / "5388-MaskTumor-63335", "train", 1000]]
+    pd.DataFrame(rows, columns=["PatientID", "img_path", "seg_path", "fold", "max_val"]).to_csv(
+        tmp_path / "real.csv", index=False)
+    # 128x128x24 grows the MR (117x91x20: nearest there and back is exact) and shrinks the
+    # 320x260x24 T1 series.
+    for settings, exact in ((Preprocessing(), True),
+                            (Preprocessing(resize_to=(128, 128, 24)), False)):
+        ds = make_datasets(tmp_path / "real.csv", "segmentation", {"train": "train"}, settings,
+                           cache="disk", cache_dir=tmp_path / "cache")[0]["train"]
+        for i, (_, _, seg, *_) in enumerate(rows):
+            ds[i]
+            item = ds[i]  # from the disk cache
+            back = invert_to_file_grid(item["label"][0], item["geometry"], "nearest")
+            if str(seg).endswith(".nii.gz"):
+                file = nib.load(seg)
+                truth, affine = np.asarray(file.dataobj), file.affine
+            else:  # the DICOM loader's (columns, rows, slices) grid
+                truth, affine, _ = dicom.read_series(seg)
+            out = tmp_path / f"{item['PatientID']}.nii.gz"
+            save_on_file_grid(back, item["geometry"], out)
+            written = nib.load(out)
+            assert written.shape == truth.shape
+            np.testing.assert_allclose(written.affine, affine, atol=1e-4)
+            got = np.asarray(written.dataobj)
+            if exact:
+                np.testing.assert_array_equal(got, truth)
+            else:  # the tumour mask is 0.3% of the volume: compare the foreground
+                a, b = got != 0, truth != 0
+                dice = 2 * (a & b).sum() / (a.sum() + b.sum())
+                assert dice > 0.75, (item["PatientID"], dice)

@@ -189,3 +189,13 @@ def test_slice_items_through_the_disk_cache(demo: DemoPaths, tmp_path: Path) -> 
                 assert torch.equal(plain[i]["geometry"][key], disk[i]["geometry"][key])
     assert len({plain[i]["PatientID"] for i in range(4)}) == 1
     assert len(list((tmp_path / cache_key(settings)).glob("*.pt"))) == 4
+
+
+@pytest.mark.parametrize("series", ["totalsegmentator/example_ct_dicom",
+                                    "dcm_qa_decubitus/In/HFS"], ids=["jpeg2000", "sagittal"])
+def test_real_dicom_slices_equal_the_series_planes(real_data: Path, series: str) -> None:
+    stored, affine, _ = dicom.read_series(real_data / series)
+    for k in (0, stored.shape[2] // 2, stored.shape[2] - 1):
+        got = read_slice(real_data / series, k)
+        np.testing.assert_array_equal(got.array[0], stored[..., k])
+        np.testing.assert_allclose(got.file_affine, affine)
