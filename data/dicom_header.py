@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+import struct
+from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import numpy as np
 import pydicom
@@ -73,6 +75,10 @@ class DicomFile:
     bits_allocated: int
     instance_number: int | None
     slice_thickness: float | None
+    images_in_acquisition: int | None = None
+    # The full dataset (pixel data included) when the file was read with ``pixels=True``,
+    # so that decoding does not read the file a second time.
+    dataset: pydicom.Dataset | None = field(default=None, repr=False, compare=False)
 
 
 def _floats(value: object, n: int, what: str, path: str) -> np.ndarray:
@@ -146,39 +152,72 @@ def _frames(ds: pydicom.Dataset, path: str) -> list[Frame]:
     ]
 
 
-def _is_dicom_file(path: str) -> bool:
-    """True when the file carries the DICOM preamble magic ('DICM' at byte 128)."""
+PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # PixelData, FloatPixelData, DoubleFloat...
+_IMAGE_SOP_WORDS = ("Image Storage", "Segmentation Storage", "Dose Storage")
+
+
+def is_image_sop_class(uid: str) -> bool:
+    """True for SOP classes whose instances must carry pixel data (MR/CT/... images)."""
+    name = pydicom.uid.UID(str(uid)).name
+    return any(word in name for word in _IMAGE_SOP_WORDS)
+
+
+def read_header(path: str, pixels: bool = False) -> DicomFile | None:
+    """Read one file's header, and its pixel data too when ``pixels`` is True.
+
+    The file is opened once; with ``pixels=True`` the returned ``DicomFile.dataset``
+    holds the full dataset for decoding.
+
+    Returns None for a file that is not DICOM at all and for DICOM objects without an
+    image (DICOMDIR, reports); raises ``DicomError`` for a DICOM file that is damaged,
+    cut short (its pixel data does not fit in the file) or lacks what a volume needs.
+    Messages name the file and never quote header values (they may identify the patient).
+    """
+    size = os.path.getsize(path)
     with open(path, "rb") as fh:
         head = fh.read(132)
-    return len(head) == 132 and head[128:132] == b"DICM"
-
-
-def read_header(path: str) -> DicomFile | None:
-    """Read one file's header without pixel data.
-
-    Returns None for a file that is not DICOM at all; raises ``DicomError`` for a
-    DICOM file that is damaged or lacks what a volume needs.
-    """
-    has_magic = _is_dicom_file(path)
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=not has_magic)
-    except Exception as exc:  # pydicom raises many types on damaged input
-        if not has_magic:
+        has_magic = len(head) == 132 and head[128:132] == b"DICM"
+        fh.seek(0)
+        try:
+            ds = pydicom.dcmread(fh, stop_before_pixels=not pixels, force=not has_magic)
+        except Exception as exc:  # pydicom raises many types on damaged input
+            if not has_magic:
+                return None
+            # The exception text is left out: it may quote header bytes (names, dates).
+            raise DicomError(f"{path}: unreadable DICOM header (damaged or cut short; "
+                             f"{type(exc).__name__})") from None
+        header = _parse(ds, path, has_magic)
+        if header is None:
             return None
-        raise DicomError(f"{path}: unreadable DICOM header ({exc})") from exc
+        if pixels:
+            _check_pixel_value(ds, header, size)
+            header.dataset = ds
+        elif header.transfer_syntax != pydicom.uid.DeflatedExplicitVRLittleEndian:
+            _check_pixel_element(fh, ds, header, size)
+    return header
+
+
+def _parse(ds: pydicom.Dataset, path: str, has_magic: bool) -> DicomFile | None:
+    meta = getattr(ds, "file_meta", None) or {}
+    if meta.get("MediaStorageSOPClassUID") == pydicom.uid.MediaStorageDirectoryStorage:
+        return None  # a DICOMDIR index, no image
     essentials = [t for t in ("SOPClassUID", "SeriesInstanceUID") if t not in ds]
     if essentials:
         if not has_magic:
             return None  # force=True parses almost anything; this was not DICOM
-        raise DicomError(f"{path}: damaged DICOM header (no {', '.join(essentials)})")
+        raise DicomError(f"{path}: damaged DICOM header (no {', '.join(essentials)}; "
+                         "the file may be cut short)")
     if "Rows" not in ds:  # pixel data itself is not read here
+        if is_image_sop_class(ds.SOPClassUID):
+            raise DicomError(f"{path}: damaged DICOM header (an image without Rows; the "
+                             "file may be cut short)")
         log.warning("%s: DICOM object without an image (SOP class %s), ignored",
                     path, ds.SOPClassUID)
         return None
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
-    except AttributeError as exc:
-        raise DicomError(f"{path}: no Rows/Columns") from exc
+    except (AttributeError, TypeError, ValueError):
+        raise DicomError(f"{path}: damaged DICOM header (no valid Rows/Columns)") from None
     echo = ds.get("EchoNumbers", "")
     image_type = ds.get("ImageType", "")
     if isinstance(image_type, pydicom.multival.MultiValue):
@@ -188,7 +227,6 @@ def read_header(path: str) -> DicomFile | None:
                          "convert the series with dcm2niix and use the NIfTI")
     frames = _frames(ds, path)
     thickness = ds.get("SliceThickness")
-    instance = ds.get("InstanceNumber")
     return DicomFile(
         path=path,
         key=SeriesKey(str(ds.SeriesInstanceUID), str(echo), str(image_type)),
@@ -198,24 +236,102 @@ def read_header(path: str) -> DicomFile | None:
         n_frames=len(frames),
         modality=str(ds.get("Modality", "")),
         description=str(ds.get("SeriesDescription", "")),
-        transfer_syntax=str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", "")),
+        transfer_syntax=str(meta.get("TransferSyntaxUID", "")),
         samples_per_pixel=int(ds.get("SamplesPerPixel", 1) or 1),
         bits_allocated=int(ds.get("BitsAllocated", 16) or 16),
-        instance_number=None if instance in (None, "") else int(instance),
+        instance_number=_int_or_none(ds.get("InstanceNumber")),
         slice_thickness=None if thickness in (None, "") else float(thickness),
+        images_in_acquisition=_int_or_none(ds.get("ImagesInAcquisition")),
     )
 
 
-def check_not_truncated(f: DicomFile) -> None:
-    """Uncompressed pixel data must fit in the file; cheap check without decoding."""
+def _int_or_none(value: object) -> int | None:
+    try:
+        return None if value in (None, "") else int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def native_pixel_bytes(f: DicomFile) -> int | None:
+    """Bytes the pixel data needs when stored uncompressed; None for compressed syntaxes."""
     if f.transfer_syntax not in _UNCOMPRESSED_SYNTAXES:
+        return None
+    bits = f.rows * f.columns * f.samples_per_pixel * f.bits_allocated * f.n_frames
+    return (bits + 7) // 8
+
+
+def _truncated(f: DicomFile, size: int, short: int | None) -> DicomError:
+    what = ("it ends before its pixel data" if short is None
+            else f"{size} bytes, {short} byte(s) short of its pixel data")
+    return DicomError(f"{f.path}: file is truncated ({what}); cannot decode pixel data")
+
+
+def _check_pixel_value(ds: pydicom.Dataset, f: DicomFile, size: int) -> None:
+    """Full read: the pixel data element is there and, uncompressed, long enough."""
+    tag = next((t for t in PIXEL_TAGS if t in ds), None)
+    if tag is None:
+        raise _truncated(f, size, None)
+    expected = native_pixel_bytes(f)
+    if expected is not None and tag == PIXEL_TAGS[0]:
+        got = len(ds[tag].value or b"")
+        if got < expected:
+            raise _truncated(f, size, expected - got)
+
+
+def _check_pixel_element(fh: BinaryIO, ds: pydicom.Dataset, f: DicomFile, size: int) -> None:
+    """Header-only read: the pixel data element that follows the header fits in the file.
+
+    ``fh`` stands where pydicom stopped, at the pixel data element. Its declared length
+    (or, for compressed data, its chain of fragments) must end within the file: cheap
+    seeks, no pixel decoding. Comparing the file size with the pixel bytes alone would
+    miss a file cut short by less than its header.
+    """
+    start = fh.tell()
+    implicit, little = getattr(ds, "original_encoding", (False, True))
+    end = "<" if little is not False else ">"
+    element = fh.read(12)
+    if len(element) < 8:
+        raise _truncated(f, size, None)
+    group, elem = struct.unpack(end + "HH", element[:4])
+    if (group << 16 | elem) not in PIXEL_TAGS:
+        raise _truncated(f, size, None)
+    if implicit:
+        (length,), offset = struct.unpack(end + "I", element[4:8]), 8
+    else:
+        if len(element) < 12:
+            raise _truncated(f, size, None)
+        (length,), offset = struct.unpack(end + "I", element[8:12]), 12
+    if length != 0xFFFFFFFF:
+        expected = native_pixel_bytes(f)
+        need = start + offset + max(length, expected or 0)
+        if size < need:
+            raise _truncated(f, size, need - size)
         return
-    expected = f.rows * f.columns * f.samples_per_pixel * f.bits_allocated // 8 * f.n_frames
+    # Encapsulated (compressed) pixel data: items (FFFE,E000) then a delimiter (FFFE,E0DD).
+    pos = start + offset
+    while True:
+        fh.seek(pos)
+        item = fh.read(8)
+        if len(item) < 8:
+            raise _truncated(f, size, None)
+        group, elem, length = struct.unpack(end + "HHI", item)
+        if (group, elem) == (0xFFFE, 0xE0DD):
+            return
+        if (group, elem) != (0xFFFE, 0xE000) or length == 0xFFFFFFFF:
+            raise DicomError(f"{f.path}: damaged compressed pixel data (unexpected item); "
+                             "cannot decode pixel data")
+        pos += 8 + length
+        if pos > size:
+            raise _truncated(f, size, pos - size)
+
+
+def check_not_truncated(f: DicomFile) -> None:
+    """Uncompressed pixel data must fit in the file; kept for callers of the old API
+    (``read_header`` now checks the pixel data element itself)."""
+    expected = native_pixel_bytes(f)
     size = os.path.getsize(f.path)
-    if size < expected:
-        raise DicomError(
-            f"{f.path}: file is truncated ({size} bytes, pixel data alone needs {expected})"
-        )
+    if expected is not None and size < expected:
+        raise _truncated(f, size, expected - size)
 
 
 def slice_normal(orientation: np.ndarray) -> np.ndarray:
