@@ -28,6 +28,7 @@ from medssl.data.dicom_header import (
     DicomFile,
     Frame,
     SeriesKey,
+    native_pixels,
     read_header,
     slice_normal,
 )
@@ -327,7 +328,9 @@ def decode_into(geometry: SeriesGeometry, label: str, out: np.ndarray) -> tuple[
             try:
                 ds = header.dataset if header is not None and header.dataset is not None \
                     else pydicom.dcmread(fr.path)
-                pixels = ds.pixel_array
+                pixels = native_pixels(ds, header) if header is not None else None
+                if pixels is None:
+                    pixels = ds.pixel_array
             except Exception as exc:  # decoders raise many types; name the file
                 raise DicomError(f"series {label}: cannot decode pixel data of {fr.path}: "
                                  f"{type(exc).__name__}: {exc}") from exc
@@ -349,20 +352,23 @@ def _rescale_into(dst: np.ndarray, plane: np.ndarray, slope: float,
 
     Returns the plane's value range (NaN propagates, so non-finite values show).
     """
-    src = plane.T  # (rows, columns) -> (columns, rows), a view
     if plane.dtype.kind not in "iub":  # float pixel data: rare, take the safe path
-        dst[...] = src.astype(np.float64) * slope + intercept
+        dst[...] = (plane.astype(np.float64) * slope + intercept).T
         return float(dst.min()), float(dst.max())
     raw_lo, raw_hi = float(plane.min()), float(plane.max())
     ends = (raw_lo * slope + intercept, raw_hi * slope + intercept)
     bound = max(abs(raw_lo), abs(raw_hi)) * abs(slope) + abs(intercept)
-    if slope == 1.0 and intercept == 0.0:
-        dst[...] = src  # integer -> float32 rounds exactly as via float64
-    elif float(slope).is_integer() and float(intercept).is_integer() and bound < _FLOAT32_EXACT:
-        np.multiply(src, np.float32(slope), out=dst, casting="unsafe")
-        dst += np.float32(intercept)
+    # Values are computed on the contiguous plane, then written with one (usually
+    # transposing) copy: (rows, columns) -> (columns, rows).
+    if float(slope).is_integer() and float(intercept).is_integer() and bound < _FLOAT32_EXACT:
+        values = plane.astype(np.float32)  # exact: integers below 2**24
+        if slope != 1.0:
+            values *= np.float32(slope)
+        if intercept != 0.0:
+            values += np.float32(intercept)
     else:  # fractional rescale: compute in float64 so values round once, as before
-        dst[...] = src * slope + intercept
+        values = plane * slope + intercept
+    dst[...] = values.T
     return float(min(ends)), float(max(ends))
 
 

@@ -17,6 +17,7 @@ from pydicom.sequence import Sequence
 
 from medssl.data.demo import DemoPaths
 from medssl.data.dicom import DicomError
+from medssl.data.dicom_header import native_pixels, read_header
 from medssl.data.io import (
     LoadVolumed,
     VolumeError,
@@ -252,3 +253,26 @@ def test_decoding_into_the_ras_view_equals_reorienting_afterwards() -> None:
             native_view(out, affine)[...] = grid
             np.testing.assert_array_equal(out, expected)
             np.testing.assert_allclose(ras_affine, expected_affine)
+
+
+@pytest.mark.parametrize("bits,stored,signed", [(16, 12, 0), (16, 12, 1), (16, 16, 1), (8, 8, 0),
+                                                (32, 32, 1), (32, 20, 0)],
+                         ids=["u12in16", "s12in16", "s16", "u8", "s32", "u20in32"])
+def test_fast_native_pixels_equal_pydicom(series: Path, bits: int, stored: int,
+                                          signed: int) -> None:
+    """Our direct read of uncompressed pixels equals pydicom's ``pixel_array``, including
+    junk in the bits above BitsStored (cleared, or sign-extended for signed data)."""
+    path = _by_instance(series)[0]
+    ds = pydicom.dcmread(path)
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+    info = np.iinfo(dtype)
+    values = np.random.default_rng(bits + stored + signed).integers(
+        info.min, info.max, (32, 32), dtype=dtype, endpoint=True)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, stored, stored - 1
+    ds.PixelRepresentation, ds.RescaleSlope, ds.RescaleIntercept = signed, "1", "0"
+    ds.PixelData = values.tobytes()
+    ds.save_as(path)
+    expected = pydicom.dcmread(path).pixel_array.astype(np.float64)
+    assert not np.array_equal(expected, values) or stored == bits  # junk bits were corrected
+    header = read_header(str(path), pixels=True)
+    np.testing.assert_array_equal(native_pixels(header.dataset, header), expected)
