@@ -13,7 +13,6 @@ import math
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightly.loss import DINOLoss
 from lightly.models.modules import DINOProjectionHead
 from lightly.models.utils import deactivate_requires_grad, update_momentum
@@ -21,7 +20,7 @@ from lightly.utils.scheduler import cosine_schedule
 from torch import Tensor, nn
 
 from medssl.models.backbones import build_backbone
-from medssl.models.monitors import crop_grid, embedding_std, knn_accuracy, softmax_entropy
+from medssl.models.monitors import crop_grid, embedding_std, softmax_entropy
 
 
 def warmup_cosine(step: int, total: int, warmup: int, start: float, end: float) -> float:
@@ -52,8 +51,6 @@ class DINO(L.LightningModule):
         freeze_last_layer: epochs during which the last layer gets no gradient.
         clip_grad: maximum gradient norm (0 disables clipping).
         n_global: number of global crops (the first crops of each batch).
-        knn_target: target column of the k-NN monitor batches (validation loaders 1 and 2).
-        knn_k, knn_temperature: k-NN monitor settings.
     """
 
     def __init__(self, backbone_config: dict, out_dim: int = 4096, hidden_dim: int = 512,
@@ -63,8 +60,7 @@ class DINO(L.LightningModule):
                  teacher_temp: float = 0.04, warmup_teacher_temp: float = 0.04,
                  warmup_teacher_temp_epochs: int = 0, student_temp: float = 0.1,
                  norm_last_layer: bool = True, freeze_last_layer: int = 1,
-                 clip_grad: float = 3.0, n_global: int = 2, knn_target: str | None = None,
-                 knn_k: int = 20, knn_temperature: float = 0.07) -> None:
+                 clip_grad: float = 3.0, n_global: int = 2) -> None:
         super().__init__()
         if not 0 <= momentum_teacher <= 1:
             raise ValueError(f"momentum_teacher must be in [0, 1], got {momentum_teacher}")
@@ -88,7 +84,6 @@ class DINO(L.LightningModule):
                                   warmup_teacher_temp=warmup_teacher_temp,
                                   warmup_teacher_temp_epochs=warmup_teacher_temp_epochs,
                                   student_temp=student_temp)
-        self._knn: dict[int, list[tuple[Tensor, Tensor]]] = {1: [], 2: []}
         self._grid_batch: list[Tensor] | None = None
         self._momentum = momentum_teacher
         self.ema_updates = 0  # teacher updates in this process (one per optimizer step)
@@ -199,39 +194,13 @@ class DINO(L.LightningModule):
             {"name": "no_decay", "params": no_decay, "weight_decay": 0.0, "decay": False},
         ], lr=self.hparams.lr)
 
-    # ----- validation: DINO loss, k-NN accuracy ------------------------------------------
-    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if dataloader_idx == 0:
-            crops, n_global = batch["crops"], self.hparams.n_global
-            teacher_out, _ = self.forward_teacher(crops[:n_global])
-            center = self.criterion.center.clone()  # validation must not move the centre
-            loss = self.criterion(teacher_out, self.forward(crops),
-                                  teacher_temp=self.hparams.teacher_temp)
-            self.criterion.center.copy_(center)
-            self.log("val_dino_loss", loss, batch_size=crops[0].shape[0], sync_dist=True,
-                     add_dataloader_idx=False, prog_bar=True)
-            return
-        image = batch["image"]
-        image = image.as_tensor() if hasattr(image, "as_tensor") else image  # drop MONAI meta
-        feats = F.normalize(self.teacher_backbone(image), dim=1)
-        target = batch[self.hparams.knn_target]
-        self._knn[dataloader_idx].append((feats.detach(), torch.as_tensor(target)))
-
-    def on_validation_epoch_end(self) -> None:
-        bank, query = self._knn[1], self._knn[2]
-        if bank and query:
-            acc = knn_accuracy(self._gather([f for f, _ in bank]),
-                               self._gather([y for _, y in bank]),
-                               self._gather([f for f, _ in query]),
-                               self._gather([y for _, y in query]),
-                               k=self.hparams.knn_k, temperature=self.hparams.knn_temperature)
-            # Every rank computed the same value from the gathered features.
-            self.log("val/knn_accuracy", acc, add_dataloader_idx=False, sync_dist=True)
-        self._knn = {1: [], 2: []}
-
-    def _gather(self, parts: list[Tensor]) -> Tensor:
-        """Concatenate this rank's parts and gather them from every rank."""
-        x = torch.cat(parts)
-        if self.trainer.world_size == 1:
-            return x
-        return self.all_gather(x).reshape(-1, *x.shape[1:])
+    # ----- validation: DINO loss on fixed crops ----------------------------------------
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        crops, n_global = batch["crops"], self.hparams.n_global
+        teacher_out, _ = self.forward_teacher(crops[:n_global])
+        center = self.criterion.center.clone()  # validation must not move the centre
+        loss = self.criterion(teacher_out, self.forward(crops),
+                              teacher_temp=self.hparams.teacher_temp)
+        self.criterion.center.copy_(center)
+        self.log("val/dino_loss", loss, batch_size=crops[0].shape[0], sync_dist=True,
+                 prog_bar=True)

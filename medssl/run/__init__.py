@@ -1,1 +1,10 @@
-"""The run layer every entry script shares: config schema, results folder, weights, trainer."""
+"""The run layer every entry script shares: config schema, results folder, weights, trainer.
+
+An entry script composes its config with Hydra and calls ``run(cfg)``; call
+``register_configs()`` once before composing.
+"""
+
+from medssl.run.config import register_configs
+from medssl.run.harness import run
+
+__all__ = ["register_configs", "run"]

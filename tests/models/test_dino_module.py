@@ -261,7 +261,7 @@ def test_validation_does_not_move_the_center(tmp_path: Path) -> None:
     assert not torch.equal(center, torch.zeros_like(center)), "training should move the centre"
     trainer.validate(module, dataloaders=_loader(4), verbose=False)
     assert torch.equal(module.criterion.center, center)
-    assert torch.isfinite(trainer.callback_metrics["val_dino_loss"])
+    assert torch.isfinite(trainer.callback_metrics["val/dino_loss"])
 
 
 @pytest.mark.parametrize(

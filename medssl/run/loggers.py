@@ -1,4 +1,7 @@
-"""ClearML as a Lightning logger; clearml is imported only when ``clearml=true``."""
+"""Loggers (TensorBoard always, ClearML when ``clearml=true``) and the console progress bar.
+
+clearml is imported only when ClearML logging is enabled and configured.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.loggers import Logger
+import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 log = logging.getLogger(__name__)
@@ -79,3 +85,36 @@ def make_clearml_logger(project: str, task_name: str, config: dict) -> ClearMLLo
                      auto_connect_frameworks=frameworks, auto_connect_arg_parser=False)
     task.connect_configuration(config, name="config")
     return ClearMLLogger(task)
+
+
+def build_loggers(results_dir: str | Path, experiment: str, clearml: bool, clearml_project: str,
+                  config: dict, purge_step: int | None = None) -> list[Logger]:
+    """TensorBoard under ``results_dir/experiment/tensorboard``, plus ClearML when asked.
+
+    ``purge_step``: on resume, TensorBoard hides earlier events at or after this step.
+    """
+    loggers: list[Logger] = [TensorBoardLogger(save_dir=str(results_dir), name=experiment,
+                                               version="tensorboard", default_hp_metric=False,
+                                               purge_step=purge_step)]
+    if clearml:
+        task_logger = make_clearml_logger(clearml_project, experiment, config)
+        if task_logger is not None:
+            loggers.append(task_logger)
+    return loggers
+
+
+class EpochProgressBar(TQDMProgressBar):
+    """One bar per epoch showing the progress-bar metrics (loss, monitors).
+
+    Drops Lightning's ``v_num`` (our TensorBoard version is the folder name "tensorboard",
+    which showed as ``v_num=oard``) and the separate validation bars: validation results
+    appear on the epoch's bar when validation ends.
+    """
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
+
+    def init_validation_tqdm(self) -> Tqdm:
+        return Tqdm(disable=True)

@@ -1,0 +1,132 @@
+"""DINO pre-training as a run-layer task: multi-crop data, the DINO module, the k-NN monitor."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+from monai.data import DataLoader
+from omegaconf import MISSING, DictConfig
+
+from medssl.data.augment import MultiCropd
+from medssl.data.datamodule import CohortDataModule
+from medssl.data.pipeline import (
+    IMAGE,
+    Preprocessing,
+    build_dataset,
+    preprocessing_transforms,
+    to_items,
+)
+from medssl.data.table import category_order, is_missing
+from medssl.models.dino import DINO
+from medssl.models.knn import KNNMonitor
+from medssl.models.weights import LoadReport
+from medssl.run.config import RunConfig, kwargs_for, plain, schema
+from medssl.run.harness import Task, WeightSource
+
+log = logging.getLogger(__name__)
+
+
+@schema("dino")
+@dataclass
+class DinoConfig(RunConfig):
+    """DINO keys (values and comments: ``configs/dino.yaml``)."""
+
+    knn_target: str | None = MISSING
+    knn_k: int = MISSING
+    min_lr: float = MISSING
+    warmup_epochs: int = MISSING
+    weight_decay: float = MISSING
+    weight_decay_end: float = MISSING
+    momentum_teacher: float = MISSING
+    n_crops: int = MISSING
+    global_crop_size: list[int] = MISSING
+    global_crop_scale: list[float] = MISSING
+    local_crop_size: list[int] = MISSING
+    local_crop_scale: list[float] = MISSING
+    out_dim: int = MISSING
+    hidden_dim: int = MISSING
+    bottleneck_dim: int = MISSING
+    head_batch_norm: bool = MISSING
+    teacher_temp: float = MISSING
+    warmup_teacher_temp: float = MISSING
+    warmup_teacher_temp_epochs: int = MISSING
+    student_temp: float = MISSING
+    norm_last_layer: bool = MISSING
+    freeze_last_layer: int = MISSING
+    clip_grad: float = MISSING
+
+
+def preprocessing(cfg: DictConfig, **changes: Any) -> Preprocessing:
+    """The run's preprocessing settings from the config keys of the same names."""
+    return Preprocessing(**kwargs_for(Preprocessing, cfg, **changes))
+
+
+class DinoTask(Task):
+    name = "dino"
+    export_attr = "teacher_backbone"
+    init_attr = "student_backbone"
+
+    def _multicrop(self, cfg: DictConfig, fixed_seed: int | None = None) -> MultiCropd:
+        return MultiCropd(IMAGE, global_size=plain(cfg.global_crop_size),
+                          local_size=plain(cfg.local_crop_size),
+                          global_scale=plain(cfg.global_crop_scale),
+                          local_scale=plain(cfg.local_crop_scale), n_crops=cfg.n_crops,
+                          fixed_seed=fixed_seed)
+
+    def build_data(self, cfg: DictConfig) -> CohortDataModule:
+        # Validation crops are seeded per row: val/dino_loss is comparable across epochs.
+        val_crops = self._multicrop(cfg, fixed_seed=0 if cfg.seed is None else cfg.seed)
+        return CohortDataModule(**kwargs_for(
+            CohortDataModule, cfg, task="ssl", settings=preprocessing(cfg),
+            splits={"train": plain(cfg.train_folds), "val": plain(cfg.val_folds) or None},
+            augment={"train": [self._multicrop(cfg)], "val": [val_crops]}))
+
+    def build_module(self, cfg: DictConfig, data: L.LightningDataModule) -> DINO:
+        module = DINO(**kwargs_for(DINO, cfg, backbone_config=plain(cfg.backbone)))
+        for what in ("global_crop_size", "local_crop_size"):
+            module.student_backbone.check_input_size(cfg[what], what)
+        return module
+
+    def load_pretrained(self, module: L.LightningModule, source: WeightSource) -> LoadReport:
+        report = super().load_pretrained(module, source)
+        module.teacher_backbone.load_state_dict(module.student_backbone.state_dict())
+        return report
+
+    def callbacks(self, cfg: DictConfig, data: CohortDataModule) -> list[L.Callback]:
+        """The k-NN monitor on teacher features, when the CSV has ``knn_target`` values."""
+        target = cfg.knn_target
+        if target is None or not cfg.val_folds:
+            return []
+        cohort = data.cohort
+        if target not in cohort.records[0]:
+            log.info("knn_target %s is not a column of %s: no k-NN monitor", target,
+                     cohort.csv_path)
+            return []
+        labelled = [r for r in cohort.records if not is_missing(r[target])]
+        if len(labelled) < len(cohort.records):
+            log.info("k-NN monitor: %d of %d rows have a %s value", len(labelled),
+                     len(cohort.records), target)
+        categories = category_order(r[target] for r in labelled)
+        ids = {r["row"] for r in labelled}
+        # The whole volume at the global-crop size: what the teacher sees, un-augmented.
+        settings = preprocessing(cfg, resize_to=plain(cfg.global_crop_size))
+        steps = preprocessing_transforms(settings)
+        loaders = []
+        for folds in (cfg.train_folds, cfg.val_folds):
+            rows = [dict(r, **{target: categories.index(r[target])})
+                    for r in cohort.select(plain(folds)) if r["row"] in ids]
+            if not rows:
+                log.info("k-NN monitor off: no %s values in folds %s", target, list(folds))
+                return []
+            dataset = build_dataset(to_items(rows, "ssl"), steps, settings, cfg.cache,
+                                    cfg.cache_dir)
+            loaders.append(DataLoader(dataset, batch_size=cfg.batch_size,
+                                      num_workers=cfg.n_workers))
+        return [KNNMonitor(*loaders, target=target, backbone_attr="teacher_backbone",
+                           k=cfg.knn_k)]
+
+
+TASK = DinoTask()

@@ -1,0 +1,259 @@
+"""``run(cfg)``: what every entry script shares, written once.
+
+Results folder and lock, seeding, the weight-source rule, loggers, checkpoints with monitor
+and mode from the config, backbone export, and fit, then test and predict when the task has
+them. A method plugs in as a ``Task`` (``medssl.run.tasks``), which builds its data module,
+LightningModule and extra callbacks from the config.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from operator import attrgetter
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from medssl.models.weights import LoadReport, load_weights
+from medssl.run.checkpoints import checkpoint_callbacks
+from medssl.run.config import WEIGHT_SOURCES, plain
+from medssl.run.loggers import EpochProgressBar, build_loggers
+from medssl.run.seeding import EpochSeed
+from medssl.run.tasks import get_task
+
+log = logging.getLogger(__name__)
+PRETRAINED = ("dino_weights", "mae_weights", "suprem_weights", "baseline_weights")
+MONITOR_MODES = ("min", "max")
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """The one weight source of a run: its config key and file."""
+
+    key: str
+    path: Path
+
+    @property
+    def pretrained(self) -> bool:
+        return self.key in PRETRAINED
+
+
+class Task:
+    """How one method builds its run; subclasses override the ``build_*`` hooks.
+
+    Attributes:
+        name: the config's ``task`` value.
+        export_attr: the LightningModule attribute exported as ``backbone.pt`` (None: none).
+        init_attr: the sub-network that pretrained weights (``dino_weights``, ...) start.
+        has_test: the method has a test stage (``test_folds``, ``test_ckpt``).
+    """
+
+    name: str = ""
+    export_attr: str | None = None
+    init_attr: str = "backbone"
+    has_test: bool = False
+
+    def build_data(self, cfg: DictConfig) -> L.LightningDataModule:
+        raise NotImplementedError
+
+    def build_module(self, cfg: DictConfig, data: L.LightningDataModule) -> L.LightningModule:
+        raise NotImplementedError
+
+    def callbacks(self, cfg: DictConfig, data: L.LightningDataModule) -> list[L.Callback]:
+        return []
+
+    def load_pretrained(self, module: L.LightningModule, source: WeightSource) -> LoadReport:
+        """Start ``init_attr`` from the source; the report is logged by the caller."""
+        return load_weights(attrgetter(self.init_attr)(module), source.path)
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.results_dir) / cfg.experiment
+
+
+def weight_source(cfg: DictConfig) -> WeightSource | None:
+    """The run's one weight source, or None (from scratch, or auto-resume).
+
+    Raises:
+        ValueError: more than one source is set (all are named), or the file is missing.
+    """
+    given = [key for key in WEIGHT_SOURCES if cfg.get(key) is not None]
+    if len(given) > 1:
+        raise ValueError(
+            f"at most one weight source may be set, got {', '.join(given)}: pretrained weights "
+            "(dino_weights, mae_weights, suprem_weights/baseline_weights) start a new run, "
+            "resume_training_from continues one, test_ckpt evaluates one")
+    if not given:
+        return None
+    path = Path(cfg[given[0]])
+    if not path.is_file():
+        raise FileNotFoundError(f"{given[0]}={path}: no such file")
+    return WeightSource(given[0], path)
+
+
+def check_loadable(path: Path, trust: bool) -> int:
+    """Refuse a checkpoint that ``torch.load(weights_only=True)`` cannot read (it would run
+    pickled code) unless ``trust_checkpoint=true``; return its ``global_step`` (0 if none)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        if trust:
+            return 0
+        raise ValueError(
+            f"{path} holds pickled Python objects beyond tensors and plain types, so loading it "
+            "could run code from the file. Only if you trust its origin, set "
+            "trust_checkpoint=true.") from err
+    return int(checkpoint.get("global_step", 0)) if isinstance(checkpoint, dict) else 0
+
+
+def resume_checkpoint(cfg: DictConfig, source: WeightSource | None) -> Path | None:
+    """The checkpoint to resume: ``resume_training_from``, else this experiment's last.ckpt.
+
+    Re-running the command of an interrupted run resumes it, even when that command names
+    pretrained weights: the checkpoint already holds weights trained from them.
+    """
+    if source is not None and source.key == "resume_training_from":
+        return source.path
+    if source is not None and source.key == "test_ckpt":
+        return None
+    last = run_dir(cfg) / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return None
+    if source is not None:
+        log.info("%s is not loaded: resuming from %s, which continues a run that started "
+                 "from it", source.key, last)
+    else:
+        log.info("Resuming the interrupted run from %s", last)
+    return last
+
+
+@contextmanager
+def run_lock(folder: Path) -> Iterator[None]:
+    """Hold ``folder/run.lock`` for the run; a second run of the same experiment refuses.
+
+    A lock left by a process that is gone (same host, dead pid) is taken over. Only global
+    rank 0 locks: the other DDP ranks belong to the same run.
+    """
+    if rank_zero_only.rank != 0:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / "run.lock"
+    host, pid = socket.gethostname(), os.getpid()
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        owner_host, _, owner_pid = lock.read_text().partition(" ")
+        if owner_host != host or _alive(int(owner_pid or 0)):
+            raise RuntimeError(
+                f"{folder} is in use by another run (process {owner_pid} on {owner_host}, "
+                f"see {lock}); choose another experiment name, or wait for it to finish"
+            ) from None
+        log.warning("Taking over the stale lock %s of process %s, which is gone", lock, owner_pid)
+        lock.unlink()
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{host} {pid}")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@rank_zero_only
+def save_config(cfg: DictConfig) -> None:
+    out = run_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def _on_gpu(accelerator: str) -> bool:
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def build_trainer(cfg: DictConfig, task: Task, callbacks: list[L.Callback],
+                  resume_step: int = 0) -> L.Trainer:
+    """Lightning trainer: CPU, one GPU or DDP over ``devices``/``num_nodes``; extra Trainer
+    arguments from ``trainer`` (e.g. ``+trainer.limit_train_batches=2``).
+
+    ``resume_step``: the step a resumed run restarts from; TensorBoard drops the events an
+    interrupted run wrote past it, so replayed steps are not shown twice.
+    """
+    if cfg.monitor_mode not in MONITOR_MODES:
+        raise ValueError(f"monitor_mode must be one of {MONITOR_MODES}, got {cfg.monitor_mode!r}")
+    monitor = cfg.monitor if cfg.get("val_folds") else None
+    callbacks = [*callbacks, *checkpoint_callbacks(
+        run_dir(cfg) / "checkpoints", monitor, cfg.monitor_mode, cfg.save_top_k,
+        task.export_attr)]
+    if cfg.progress_bar:
+        callbacks.append(EpochProgressBar())
+    if cfg.seed is not None:
+        callbacks.append(EpochSeed(cfg.seed))
+    loggers = build_loggers(cfg.results_dir, cfg.experiment, cfg.clearml,
+                            cfg.clearml_project_name, OmegaConf.to_container(cfg, resolve=True),
+                            purge_step=resume_step or None)
+    return L.Trainer(
+        default_root_dir=run_dir(cfg), max_epochs=cfg.n_epochs, accelerator=cfg.accelerator,
+        devices=plain(cfg.devices), num_nodes=cfg.num_nodes, precision=cfg.precision,
+        accumulate_grad_batches=cfg.accumulate_grad_batches, logger=loggers, callbacks=callbacks,
+        # Batch-norm statistics over all GPUs under DDP (SyncBatchNorm only runs on GPUs).
+        sync_batchnorm=_on_gpu(cfg.accelerator), log_every_n_steps=1, num_sanity_val_steps=0,
+        enable_progress_bar=cfg.progress_bar, **plain(cfg.trainer))
+
+
+def run(cfg: DictConfig) -> L.Trainer:
+    """Build the configured method's run, then fit, test and predict as configured.
+
+    Returns:
+        the trainer (its ``lightning_module`` holds the trained module).
+    """
+    task = get_task(cfg.task)
+    source = weight_source(cfg)  # fails early on conflicting options
+    if source is not None and source.key == "test_ckpt" and not task.has_test:
+        raise ValueError(f"test_ckpt: {task.name} has no test stage")
+    resume = resume_checkpoint(cfg, source)
+    resume_step = check_loadable(resume, cfg.trust_checkpoint) if resume is not None else 0
+    if source is not None and source.path.suffix == ".ckpt" and source.path != resume:
+        check_loadable(source.path, cfg.trust_checkpoint)
+    if cfg.seed is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    data = task.build_data(cfg)
+    data.setup("fit")  # every CSV and volume problem surfaces here, before training
+    module = task.build_module(cfg, data)
+    if source is not None and source.pretrained and resume is None:
+        report = task.load_pretrained(module, source)
+        (log.info if report.complete else log.warning)("%s: %s", source.key, report)
+    with run_lock(run_dir(cfg)):
+        save_config(cfg)
+        trainer = build_trainer(cfg, task, task.callbacks(cfg, data), resume_step)
+        weights_only = not cfg.trust_checkpoint
+        if source is None or source.key != "test_ckpt":
+            trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=weights_only)
+        if task.has_test and cfg.get("test_folds"):
+            ckpt = source.path if source is not None and source.key == "test_ckpt" else "best"
+            if ckpt == "best" and not trainer.checkpoint_callback.best_model_path:
+                ckpt = None  # no validation: test the weights as trained
+            trainer.test(module, datamodule=data, ckpt_path=ckpt, weights_only=weights_only)
+    log.info("Results in %s", run_dir(cfg))
+    return trainer

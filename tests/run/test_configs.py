@@ -1,0 +1,69 @@
+"""Every script's config: typed, every key commented and read, bad overrides named."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from medssl.run.config import WEIGHT_SOURCES
+from tests.conftest import REPO, compose
+
+CONFIGS = REPO / "configs"
+SCRIPTS = sorted(p.stem for p in CONFIGS.glob("*.yaml")
+                 if re.search(r"^task:", p.read_text(), re.M))
+RUN_SOURCES = sorted((REPO / "medssl" / "run").glob("*.py"))
+
+
+def _keys_read() -> set[str]:
+    """Keys the run layer reads by name, plus arguments it fills from same-named keys."""
+    keys: set[str] = set(WEIGHT_SOURCES)  # weight_source() reads each (tested on its own)
+    for path in RUN_SOURCES:
+        text = path.read_text()
+        keys |= set(re.findall(r"\bcfg\.(\w+)\b(?!\()", text))
+        keys |= set(re.findall(r"\bcfg(?:\.get\(|\[)[\"'](\w+)[\"']", text))
+        module = importlib.import_module(f"medssl.run.{path.stem}")
+        for name in re.findall(r"kwargs_for\(\s*(\w+)", text):
+            target = getattr(module, name, None)
+            if target is not None:
+                keys |= set(inspect.signature(target).parameters)
+    return keys
+
+
+def test_scripts_are_found() -> None:
+    assert "dino" in SCRIPTS
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_key_is_read_and_commented(script: str) -> None:
+    cfg = compose(script, ["csv_path=x"])
+    keys = [k for k in cfg if k not in ("backbone", "hydra")]
+    unread = sorted(set(keys) - _keys_read())
+    assert not unread, f"{script}: config keys never read: {unread}"
+    text = (CONFIGS / f"{script}.yaml").read_text() + (CONFIGS / "common.yaml").read_text()
+    undocumented = [k for k in keys if not re.search(rf"^{k}:.*#", text, re.M)]
+    assert not undocumented, f"{script}: keys without a comment: {undocumented}"
+    missing = [k for k in keys if OmegaConf.is_missing(cfg, k)]
+    assert not missing, f"{script}: keys without a value: {missing}"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("override,key", [("batch_size=abc", "batch_size"),
+                                          ("lr=fast", "lr"), ("seed=[1]", "seed"),
+                                          ("btach_size=4", "btach_size")],
+                         ids=["int", "float", "optional-int", "typo"])
+def test_bad_override_names_its_key(script: str, override: str, key: str) -> None:
+    with pytest.raises(Exception, match=key):
+        compose(script, [override])
+
+
+def test_type_error_from_the_command_line_names_the_key() -> None:
+    result = subprocess.run([sys.executable, str(REPO / "self_supervised" / "dino.py"),
+                             "batch_size=abc"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode != 0
+    assert "full_key: batch_size" in result.stderr and "Traceback" not in result.stderr
