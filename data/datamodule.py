@@ -58,7 +58,8 @@ class CohortDataModule(L.LightningDataModule):
             item per slice (e.g. ``{"train": 2}`` for 2D training, whole volumes elsewhere).
         empty_per_foreground: for sliced splits with labels, keep all foreground slices and
             this many empty slices per foreground slice (None keeps all).
-        seed: seed of that slice selection.
+        seed: seed of that slice selection and of the training order (drawn from
+            (seed, epoch)); None draws both at random.
 
     Attributes:
         cohort: the validated CSV (``cohort.encodings`` maps targets to categories); set by
@@ -72,7 +73,7 @@ class CohortDataModule(L.LightningDataModule):
                  targets: Sequence[str] = (), cache: str = "none",
                  cache_dir: str | Path | None = None, reset_cache: bool = False,
                  slices: Mapping[str, int] | None = None,
-                 empty_per_foreground: float | None = None, seed: int = 0) -> None:
+                 empty_per_foreground: float | None = None, seed: int | None = 0) -> None:
         super().__init__()
         augment = dict(augment or {})
         for name in [*splits, *augment, *(slices or {})]:

@@ -286,15 +286,15 @@ def expand_slices(items: Sequence[dict], slice_axis: int = CSV_SLICE_AXIS,
     return out
 
 
-def select_slices(items: Sequence[dict], empty_per_foreground: float, seed: int = 0
-                  ) -> list[dict]:
+def select_slices(items: Sequence[dict], empty_per_foreground: float,
+                  seed: int | None = 0) -> list[dict]:
     """Keep every slice with foreground and, drawn at random, ``empty_per_foreground``
     empty slices per foreground slice (all empty ones when there are fewer).
 
     Args:
         items: slice items marked by ``expand_slices(..., foreground=True)``.
         empty_per_foreground: e.g. 0.5 keeps half as many empty as foreground slices.
-        seed: the draw's seed (the same seed selects the same slices).
+        seed: the draw's seed (the same seed selects the same slices; None: random).
 
     Returns:
         the kept items in their original order.
@@ -338,7 +338,7 @@ def make_datasets(
     validate: bool = True,
     slices: Mapping[str, int] | None = None,
     empty_per_foreground: float | None = None,
-    seed: int = 0,
+    seed: int | None = 0,
 ) -> tuple[dict[str, Dataset], Cohort]:
     """Read the CSV, check every selected row and build one dataset per split.
 
