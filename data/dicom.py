@@ -79,11 +79,12 @@ def scan_folder(folder: str | Path, pixels: bool = False) -> dict[SeriesKey, lis
             skipped.append(p)
             continue
         groups.setdefault(header.key, []).append(header)
-    members = [Path(f.path) for files in groups.values() for f in files]
-    sizes = [m.stat().st_size for m in members]
-    typical = float(np.median(sizes)) if sizes else None
-    damaged = [(p, reason) for p in skipped
-               if (reason := _member_likeness(p, members, typical)) is not None]
+    damaged: list[tuple[Path, str]] = []
+    if skipped:
+        members = [Path(f.path) for files in groups.values() for f in files]
+        typical = float(np.median([m.stat().st_size for m in members])) if members else None
+        damaged = [(p, reason) for p in skipped
+                   if (reason := _member_likeness(p, members, typical)) is not None]
     if not groups:
         hint = "".join(f"; {p} looks like a damaged slice ({reason})" for p, reason in damaged[:3])
         raise DicomError(f"{folder}: no DICOM images among {len(paths)} file(s){hint}")
