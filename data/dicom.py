@@ -79,21 +79,27 @@ def scan_folder(folder: str | Path, pixels: bool = False) -> dict[SeriesKey, lis
             skipped.append(p)
             continue
         groups.setdefault(header.key, []).append(header)
+    damaged: list[tuple[Path, str]] = []
     if skipped:
         members = [Path(f.path) for files in groups.values() for f in files]
-        for p in skipped:
-            reason = _member_likeness(p, members)
-            if reason:
-                raise DicomError(
-                    f"{p}: unreadable file ({p.stat().st_size} bytes) among the DICOM files; "
-                    f"{reason}, so it is taken for a damaged slice. Replace it with an intact "
-                    "copy, or move it out of the folder if it is not part of the series"
-                )
+        typical = float(np.median([m.stat().st_size for m in members])) if members else None
+        damaged = [(p, reason) for p in skipped
+                   if (reason := _member_likeness(p, members, typical)) is not None]
+    if not groups:
+        hint = "".join(f"; {p} looks like a damaged slice ({reason})" for p, reason in damaged[:3])
+        raise DicomError(f"{folder}: no DICOM images among {len(paths)} file(s){hint}")
+    if damaged:
+        p, reason = damaged[0]
+        raise DicomError(
+            f"{p}: unreadable file ({p.stat().st_size} bytes) among the DICOM files; "
+            f"{reason}, so it is taken for a damaged slice. Replace it with an intact copy, or "
+            "move it out of the folder if it is not part of the series"
+            + (f" ({len(damaged) - 1} more such file(s))" if len(damaged) > 1 else "")
+        )
+    if skipped:
         names = [str(p.relative_to(folder)) for p in skipped]
         log.warning("%s: ignored %d non-DICOM or non-image file(s): %s", folder, len(names),
                     ", ".join(names[:5]) + (" ..." if len(names) > 5 else ""))
-    if not groups:
-        raise DicomError(f"{folder}: no DICOM images among {len(paths)} file(s)")
     return _merge_echo_split(groups)
 
 
@@ -103,8 +109,11 @@ def _name_pattern(name: str) -> str:
     return re.sub(r"\d[\d._-]*", "#", name.lower())
 
 
-def _member_likeness(path: Path, members: Sequence[Path]) -> str | None:
-    """Why an unreadable file looks like a slice of the series, or None when it does not."""
+def _member_likeness(path: Path, members: Sequence[Path], typical: float | None) -> str | None:
+    """Why an unreadable file looks like a slice of the series, or None when it does not.
+
+    ``typical`` is the median size of the readable files (None when there are none).
+    """
     if path.name.startswith("."):
         return None  # hidden files (.DS_Store, ._IM0001 resource forks) are never slices
     with open(path, "rb") as fh:
@@ -121,11 +130,9 @@ def _member_likeness(path: Path, members: Sequence[Path]) -> str | None:
     like = patterns.get(_name_pattern(path.name))
     if like is not None:
         return f"its name follows the series files' pattern (like {like})"
-    if members:
-        median = float(np.median([m.stat().st_size for m in members]))
-        size = path.stat().st_size
-        if abs(size - median) <= _MEMBER_SIZE_TOL * median:
-            return f"it has the size of the series files ({size} vs {median:.0f} bytes)"
+    size = path.stat().st_size
+    if typical is not None and abs(size - typical) <= _MEMBER_SIZE_TOL * typical:
+        return f"it has the size of the series files ({size} vs {typical:.0f} bytes)"
     return None
 
 

@@ -297,8 +297,8 @@ class LoadVolumed(MapTransform):
     """
 
     def __init__(self, keys: KeysCollection, series_key: str = "series", row_key: str = "row",
-                 allow_constant_keys: KeysCollection = ("label",),
-                 allow_missing_keys: bool = False) -> None:
+                 allow_missing_keys: bool = False,
+                 allow_constant_keys: KeysCollection = ("label",)) -> None:
         super().__init__(keys, allow_missing_keys)
         self.series_key = series_key
         self.row_key = row_key

@@ -398,8 +398,7 @@ def load_segmenter_weights(
         The report, with the segmenter's key names; ``prefix`` names both parts' prefixes.
 
     Raises:
-        ValueError: no key matched, two checkpoint keys land on one segmenter key, or ``strict``
-            was violated; then nothing is loaded.
+        ValueError: no key matched or ``strict`` was violated; then nothing is loaded.
     """
     model = _unwrap_model(segmenter)
     ckpt, source = _read_source(path_or_state_dict)
@@ -419,10 +418,7 @@ def load_segmenter_weights(
         owners = [(part, key[len(prefix):]) for part, prefix, part_target in parts
                   if key.startswith(prefix) and key[len(prefix):] in part_target]
         if owners:
-            part, rest = owners[0]
-            if part + rest in merged:
-                raise ValueError(f"checkpoint keys {merged[part + rest][0]!r} and {name!r} both "
-                                 f"map to {part + rest!r}.")
+            part, rest = owners[0]  # one prefix per part: distinct keys, distinct names
             merged[part + rest] = (name, tensor)
             first.setdefault(part, (name, rest))
         elif any(key.startswith(prefix) for _, prefix, _ in parts):

@@ -236,7 +236,7 @@ def test_datamodule_validates_all_splits_once_before_training(
     calls = []
     data = CohortDataModule(root / "ssl.csv", "ssl", {"train": [0, 1], "val": [1, 2],
                                                       "test": 4}, SMALL)
-    with pytest.raises(CohortError, match=f"PatientID {victim.PatientID}.*x.dcm: unreadable"):
+    with pytest.raises(CohortError, match=f"PatientID {victim.PatientID}.*damaged slice"):
         data.setup()  # the test split's volume is checked before anything trains
     monkeypatch.setattr(datamodule_pipeline, "validate_volumes",
                         lambda cohort, records: calls.append(sorted(r["row"] for r in records)))

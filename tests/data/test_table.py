@@ -6,6 +6,8 @@ import csv
 import shutil
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -147,3 +149,19 @@ def test_bad_rows_kept_apart_instead_of_raising(cohort_dir: Path, tmp_path: Path
     listed = pd.read_csv(tmp_path / "out" / "bad_rows.csv", dtype=str)
     assert listed.PatientID.tolist() == [df.PatientID[i] for i in (1, 2, 4)]
     assert str(victim) in listed.problem.iloc[2]
+
+
+def test_header_checks_catch_2d_and_4d_nifti_before_training(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for name, shape in (("ok", (8, 9, 10)), ("flat", (8, 9)), ("stack", (8, 9, 10, 2))):
+        nib.save(nib.Nifti1Image(rng.random(shape).astype("f4"), np.eye(4)),
+                 tmp_path / f"{name}.nii.gz")
+    path = _write(tmp_path / "c.csv", ["PatientID", "path", "fold"],
+                  [["P1", "ok.nii.gz", 0], ["P2", "flat.nii.gz", 0], ["P3", "stack.nii.gz", 1]])
+    cohort = read_cohort(path, "ssl")
+    with pytest.raises(CohortError, match="2 problem") as err:
+        validate_volumes(cohort)
+    assert f"c.csv line 3 (PatientID P2): path: {tmp_path / 'flat.nii.gz'}: 2D image" in \
+        str(err.value)
+    assert f"c.csv line 4 (PatientID P3): path: {tmp_path / 'stack.nii.gz'}: 4D image with 2 " \
+        "volumes" in str(err.value)
