@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from medssl.data import dicom
-from medssl.data.io import VolumeError, VolumeInfo, read_volume_info
+from medssl.data.io import VolumeError, VolumeInfo, canonical_layout, read_volume_info
 
 TASK_COLUMNS: dict[str, tuple[str, ...]] = {
     "ssl": ("PatientID", "path", "fold"),
@@ -428,9 +428,7 @@ def check_volumes(cohort: Cohort, records: Sequence[dict] | None = None,
         got = {c: infos[_volume_key(r, c)] for c in cols}
         found = [f"{c}: {v}" for c, v in got.items() if isinstance(v, Exception)]
         img, seg = got.get("img_path"), got.get("seg_path")
-        if isinstance(img, VolumeInfo) and isinstance(seg, VolumeInfo) and (
-            img.shape != seg.shape or not np.allclose(img.affine, seg.affine, atol=1e-2)
-        ):
+        if isinstance(img, VolumeInfo) and isinstance(seg, VolumeInfo) and not _same_grid(img, seg):
             found.append(f"segmentation {r['seg_path']} (shape {seg.shape}, {seg.axcodes}) is "
                          f"not on the grid of image {r['img_path']} (shape {img.shape}, "
                          f"{img.axcodes})")
@@ -441,6 +439,17 @@ def check_volumes(cohort: Cohort, records: Sequence[dict] | None = None,
         if found:
             problems[r["row"]] = found
     return VolumeReport(infos, problems)
+
+
+def _same_grid(a: VolumeInfo, b: VolumeInfo, atol_mm: float = 1e-2) -> bool:
+    """Whether two volumes lie on one grid once both are in RAS order, as they are loaded.
+
+    Stored affines may differ for the same grid (an LAS label map of an LPS DICOM series),
+    so shapes and affines are compared after reorientation to the closest RAS layout.
+    """
+    shape_a, affine_a = canonical_layout(a.original_shape, a.affine)
+    shape_b, affine_b = canonical_layout(b.original_shape, b.affine)
+    return shape_a == shape_b and np.allclose(affine_a, affine_b, atol=atol_mm)
 
 
 def screen_volumes(cohort: Cohort, records: Sequence[dict] | None = None,
