@@ -235,7 +235,7 @@ class SegmentationTask(Task):
                              "patches of patch_size at their own resolution, and validation and "
                              "test segment whole volumes slice by slice")
         if cfg.test_ckpt is not None:  # evaluation only: no training data to load
-            splits = {"test": plain(cfg.test_folds)}
+            splits = {"test": plain(cfg.test_folds) or None}
         else:
             splits = {"train": plain(cfg.train_folds), "val": plain(cfg.val_folds) or None,
                       "test": plain(cfg.test_folds) or None}
