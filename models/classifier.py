@@ -245,11 +245,12 @@ class Classifier(L.LightningModule):
             numpy arrays, ordered by row index.
         """
         store = self.collected[stage]
-        index = store["index"].compute().long().cpu().numpy()
+        # reshape: CatMetric returns a single row's values without the row axis.
+        index = store["index"].compute().long().cpu().numpy().reshape(-1)
         index, first = np.unique(index, return_index=True)
         out = {"index": index, "labels": {}, "probs": {}}
         for i, target in enumerate(self.targets):
-            labels = store[f"labels_{i}"].compute().long().cpu().numpy()
+            labels = store[f"labels_{i}"].compute().long().cpu().numpy().reshape(-1)
             probs = store[f"probs_{i}"].compute().float().cpu().numpy()
             out["labels"][target] = labels[first]
             out["probs"][target] = probs.reshape(len(labels), -1)[first]

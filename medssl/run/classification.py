@@ -151,15 +151,18 @@ class ClassificationData(CohortDataModule):
                  cache: str = "none", cache_dir: str | Path | None = None,
                  reset_cache: bool = False, label_fraction: float = 1.0, seed: int = 0,
                  classes: Mapping[str, Sequence[str]] | None = None) -> None:
+        if not cls_targets:
+            raise ValueError("cls_targets must name at least one target column")
+        if not 0 < label_fraction <= 1:
+            raise ValueError(f"label_fraction must be in (0, 1], got {label_fraction}")
+        # Targets are encoded here, not by the cohort reader: classes come from the training
+        # rows only, and empty cells are allowed (masked loss).
         super().__init__(csv_path, "classification", splits=splits, settings=settings,
                          augment=augment, batch_size=batch_size, eval_batch_size=eval_batch_size,
                          n_workers=n_workers, cache=cache, cache_dir=cache_dir,
-                         reset_cache=reset_cache)
-        if not cls_targets:
-            raise ValueError("cls_targets must name at least one target column")
-        self.cls_targets, self.label_fraction, self.seed = list(cls_targets), label_fraction, seed
+                         reset_cache=reset_cache, seed=seed)
+        self.cls_targets, self.label_fraction = list(cls_targets), label_fraction
         self.given_classes = None if classes is None else {k: list(v) for k, v in classes.items()}
-        self.fold_splits = dict(splits)
         self.classes: dict[str, list[str]] = {}
         self.train_rows: list[dict] = []
 
@@ -172,7 +175,7 @@ class ClassificationData(CohortDataModule):
         if absent:
             raise CohortError(f"{cohort.csv_path}: cls_targets {absent} are not columns of the "
                               f"CSV (columns: {[c for c in cohort.records[0] if c != 'row']})")
-        train = cohort.select(self.fold_splits["train"])
+        train = cohort.select(self.splits.get("train"))
         self.classes = self.given_classes or {
             t: category_order(r[t] for r in train if not is_missing(r[t]))
             for t in self.cls_targets}
@@ -197,8 +200,8 @@ class ClassificationData(CohortDataModule):
     def _check_categories(self, cohort: Any) -> None:
         """Every val/test (and, with given classes, training) value must be a known class."""
         problems = []
-        for name, folds in self.fold_splits.items():
-            if not folds or (name == "train" and self.given_classes is None):
+        for name, folds in self.splits.items():
+            if name == "train" and self.given_classes is None:
                 continue
             for r in cohort.select(folds):
                 problems += [
