@@ -268,3 +268,42 @@ def test_debug_fast_dev_run(cls_cfg: DictConfig) -> None:
     _set(cls_cfg, experiment="fdr", trainer={"fast_dev_run": 1})
     trainer = run(cls_cfg)
     assert trainer.global_step == 1
+
+
+def _fake_medmnist(path: Path) -> None:
+    """A MedMNIST-3D-like file: 28^3 uint8 masks, label 1 = a small sphere, 0 = a large one."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    grid = np.stack(np.meshgrid(*[np.arange(28)] * 3, indexing="ij"))
+    arrays = {}
+    for split, n in (("train", 16), ("val", 8), ("test", 8)):
+        labels = np.arange(n) % 2
+        images = np.zeros((n, 28, 28, 28), np.uint8)
+        for i, label in enumerate(labels):
+            centre = 14 + rng.normal(0, 1.5, 3)[:, None, None, None]
+            radius = (6 if label else 9) + rng.uniform(-1, 1)
+            images[i][((grid - centre) ** 2).sum(0) < radius**2] = 255
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels[:, None]
+    np.savez(path, **arrays)
+
+
+def test_medmnist_benchmark_quick(tmp_path: Path) -> None:
+    pytest.importorskip("medssl.data.medmnist", reason="needs medssl-from-medmnist (dinom)")
+    _fake_medmnist(tmp_path / "fake3d.npz")
+    tiny = ["backbone.hidden_size=32", "backbone.mlp_dim=64", "backbone.num_layers=1",
+            "backbone.num_heads=2", "batch_size=4", "accelerator=cpu", "devices=1"]
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "medmnist.py"), "--quick", "--npz",
+         str(tmp_path / "fake3d.npz"), "--out", str(tmp_path / "bench"), "--fractions", "0.5",
+         "--set", *tiny, "--dino-set", "out_dim=64", "hidden_dim=32", "bottleneck_dim=16",
+         "n_crops=4", "knn_k=3"], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = json.loads((tmp_path / "bench" / "runs.json").read_text())["runs"]
+    assert sorted(r["arm"] for r in runs) == ["dino-finetune", "dino-linear", "scratch"]
+    assert all(0 <= r["auc"] <= 1 and r["seconds"] > 0 for r in runs)
+    for r in runs:  # half of the 16 training rows, stratified
+        folder = tmp_path / "bench" / "runs" / f"{r['arm']}_f0.5_s0"
+        assert len(pd.read_csv(folder / "train_rows.csv")) == 8
+    summary = (tmp_path / "bench" / "summary.md").read_text()
+    assert summary.count("| 0.5 |") == 3 and "quick mode" in summary
