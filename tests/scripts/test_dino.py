@@ -85,7 +85,7 @@ def test_pretraining_run(dino_cfg: DictConfig) -> None:
     assert len(list((out / "checkpoints").glob("*.backbone.pt"))) == len(ckpts)
     top_k = next(c for c in trainer.checkpoint_callbacks if c.monitor == "val/dino_loss")
     best = Path(top_k.best_model_path).with_suffix(".backbone.pt")
-    export = torch.load(out / "checkpoints" / "backbone.pt", weights_only=True)
+    export = torch.load(out / "backbone.pt", weights_only=True)
     assert export["backbone_config"]["name"] == "vit"
     for name, value in torch.load(best, weights_only=True)["state_dict"].items():
         assert torch.equal(value, export["state_dict"][name])
@@ -233,7 +233,7 @@ def test_ddp_on_two_cpu_processes(demo, tmp_path: Path) -> None:
     # 7 training volumes over 2 ranks: 4 each (padded by the sampler), batch 2 -> 2 steps
     # per epoch on every rank.
     assert checkpoint["global_step"] == 4 and checkpoint["epoch"] == 1
-    backbone, report = load_backbone(folder / "backbone.pt")
+    backbone, report = load_backbone(folder.parent / "backbone.pt")
     assert report.complete
     events = EventAccumulator(str(next((tmp_path / "dino_demo" / "tensorboard").glob("ev*"))))
     events.Reload()
