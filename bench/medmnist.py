@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     common = [f"csv_path={csv}", f"results_dir={out / 'runs'}", *COMMON]
 
     # ----- DINO pre-training on the training images, labels unused ----------------------
-    export = out / "runs" / "dino" / "checkpoints" / "backbone.pt"
+    export = out / "runs" / "dino" / "backbone.pt"
     dino_seconds = 0.0
     if not export.is_file():
         dino_seconds = compose_run("dino", [*common, *DINO, *mode["dino"], "experiment=dino",
