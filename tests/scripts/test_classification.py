@@ -19,7 +19,7 @@ from medssl.data.table import CohortError
 from medssl.models.backbones import UNet3DEncoder, build_backbone
 from medssl.models.weights import save_backbone
 from medssl.run import run
-from medssl.run.classification import label_subset
+from medssl.run.classification import check_backbone_config, label_subset
 from medssl.run.config import plain
 from tests.conftest import REPO, compose
 
@@ -307,3 +307,13 @@ def test_medmnist_benchmark_quick(tmp_path: Path) -> None:
         assert len(pd.read_csv(folder / "train_rows.csv")) == 8
     summary = (tmp_path / "bench" / "summary.md").read_text()
     assert summary.count("| 0.5 |") == 3 and "quick mode" in summary
+
+
+def test_backbone_settings_without_parameters_may_differ(caplog) -> None:
+    vit = {"name": "vit", "img_size": [16, 32, 32], "patch_size": [4, 8, 8], "hidden_size": 32,
+           "mlp_dim": 64, "num_layers": 1, "num_heads": 2, "dropout_rate": 0.0}
+    with caplog.at_level("INFO"):
+        check_backbone_config("export.pt", dict(vit, dropout_rate=0.1), vit)
+    assert "backbone.dropout_rate: 0.1 in the file, 0.0 configured" in caplog.text
+    with pytest.raises(ValueError, match=r"backbone.img_size: \[16, 16, 16\] in the file"):
+        check_backbone_config("export.pt", dict(vit, img_size=[16, 16, 16]), vit)
