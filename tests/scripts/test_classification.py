@@ -128,7 +128,7 @@ def test_weight_sources_exclude_each_other(cls_cfg: DictConfig, tmp_path: Path) 
         run(cls_cfg)
 
 
-def test_dino_export_and_checkpoint_load_the_whole_encoder(cls_cfg: DictConfig, tmp_path: Path,
+def test_dino_and_mae_files_load_the_whole_encoder(cls_cfg: DictConfig, tmp_path: Path,
                                                            caplog) -> None:
     teacher = build_backbone(**plain(cls_cfg.backbone))
     student = build_backbone(**plain(cls_cfg.backbone))
@@ -150,6 +150,14 @@ def test_dino_export_and_checkpoint_load_the_whole_encoder(cls_cfg: DictConfig, 
     _set(cls_cfg, dino_weights=str(tmp_path / "dino.ckpt"), experiment="ckpt")
     loaded = run(cls_cfg).lightning_module.backbone.state_dict()
     assert all(torch.allclose(v, loaded[k], atol=1e-6) for k, v in teacher.state_dict().items())
+    # An MAE Lightning checkpoint: the encoder is picked, the decoder left out.
+    torch.save({"pytorch-lightning_version": "2.6.6", "state_dict": {
+        **{f"encoder.{k}": v for k, v in student.state_dict().items()},
+        "decoder.proj.weight": torch.zeros(4, 32)},
+        "hyper_parameters": {"backbone_config": student.config}}, tmp_path / "mae.ckpt")
+    _set(cls_cfg, dino_weights=None, mae_weights=str(tmp_path / "mae.ckpt"), experiment="mae")
+    loaded = run(cls_cfg).lightning_module.backbone.state_dict()
+    assert all(torch.allclose(v, loaded[k], atol=1e-6) for k, v in student.state_dict().items())
 
 
 def test_suprem_file_loads_the_unet3d_encoder(cls_cfg: DictConfig, tmp_path: Path,
@@ -317,3 +325,11 @@ def test_backbone_settings_without_parameters_may_differ(caplog) -> None:
     assert "backbone.dropout_rate: 0.1 in the file, 0.0 configured" in caplog.text
     with pytest.raises(ValueError, match=r"backbone.img_size: \[16, 16, 16\] in the file"):
         check_backbone_config("export.pt", dict(vit, img_size=[16, 16, 16]), vit)
+
+
+def test_patience_stops_early(cls_cfg: DictConfig) -> None:
+    # No learning (lr ~ 0): the validation AUC never improves after the first epoch.
+    _set(cls_cfg, n_epochs=6, patience=2, lr=1e-12, min_lr=0.0, experiment="patience",
+         test_folds=[])
+    trainer = run(cls_cfg)
+    assert trainer.current_epoch == 3 and trainer.global_step == 9
