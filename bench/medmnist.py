@@ -39,7 +39,8 @@ from hydra.core.global_hydra import GlobalHydra
 from medssl.run import register_configs, run
 
 REPO = Path(__file__).resolve().parents[1]
-NPZ = REPO.parent / "shared" / "real_data" / "medmnist3d" / "adrenalmnist3d.npz"
+REAL_DATA = Path(os.environ.get("MEDSSL_REAL_DATA", REPO.parent / "shared" / "real_data"))
+NPZ = REAL_DATA / "medmnist3d" / "adrenalmnist3d.npz"
 log = logging.getLogger("bench.medmnist")
 
 # Shared by both stages: 28^3 volumes upsampled to 32^3, 4^3 tokens of 8^3 voxels (issue 7).
