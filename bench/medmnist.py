@@ -61,7 +61,8 @@ SETTINGS = {
 # at the heads' rate (backbone_lr_scale=1); a pretrained one at the config's lower rate.
 ARMS = {"dino-finetune": (True, ["train_mode=finetune"]),
         "scratch": (False, ["train_mode=finetune", "backbone_lr_scale=1.0"]),
-        "dino-linear": (True, ["train_mode=linear"])}
+        # No augmentation in linear mode, so the memory cache serves without copies.
+        "dino-linear": (True, ["train_mode=linear", "cache=memory"])}
 
 
 def compose_run(config: str, overrides: list[str]) -> float:
