@@ -342,3 +342,22 @@ def test_patience_stops_early(cls_cfg: DictConfig) -> None:
          test_folds=[])
     trainer = run(cls_cfg)
     assert trainer.current_epoch == 3 and trainer.global_step == 9
+
+
+def test_ddp_on_two_cpu_processes(demo, tmp_path: Path) -> None:
+    """Lightning DDP (gloo): predictions gathered from both ranks once each, head-only first
+    epoch included."""
+    tiny = [o for o in TINY_CLS if not o.startswith(("devices=", "test_folds="))]
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *tiny, "devices=2", "n_epochs=2", "test_folds=[0,3]",
+         "freeze_backbone_epochs=1", f"results_dir={tmp_path}",
+         f"csv_path={demo.classification_csv}"],
+        capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # 6 training rows over 2 ranks: 3 each, batch 2 -> 1 step per epoch on every rank.
+    checkpoint = torch.load(tmp_path / "cls_demo" / "checkpoints" / "last.ckpt",
+                            weights_only=True)
+    assert checkpoint["global_step"] == 2
+    predictions = pd.read_csv(tmp_path / "cls_demo" / "predictions.csv")
+    # 3 test rows, padded to 4 by the distributed sampler: each subject once in the report.
+    assert sorted(predictions.PatientID) == ["DEMO001", "DEMO004", "DEMO006"]
