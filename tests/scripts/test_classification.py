@@ -203,9 +203,11 @@ def test_unseen_category_names_the_row(cls_cfg: DictConfig, demo) -> None:
     def change(df: pd.DataFrame) -> None:
         df.loc[df.PatientID == "DEMO004", "V00COHORT"] = "2: Incidence"
 
-    _set(cls_cfg, csv_path=str(_csv(demo, "unseen.csv", change)))
+    _set(cls_cfg, csv_path=str(_csv(demo, "unseen.csv", change)), val_folds=[4],
+         test_folds=[3])
     with pytest.raises(CohortError, match=r"unseen.csv line 5 \(PatientID DEMO004\): "
-                       r"V00COHORT='2: Incidence' in the val folds was never seen"):
+                       r"V00COHORT='2: Incidence' in the test folds was never seen in the "
+                       r"training rows \(categories \['1: Progression', '3: Non-exposed"):
         run(cls_cfg)
 
 
