@@ -1,110 +1,124 @@
-"""Lightning data module over a cohort CSV: the same loading for every script."""
+"""Lightning data module over a cohort CSV: the same loading for every task and split."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import lightning as L
 from monai.data import DataLoader, Dataset
-from monai.transforms import Resized
+from monai.utils import look_up_option
 
-from medssl.data.pipeline import (
-    IMAGE,
-    Preprocessing,
-    build_dataset,
-    make_datasets,
-    preprocessing_transforms,
-    to_items,
-)
-from medssl.data.table import Cohort, category_order, is_missing
+from medssl.data.pipeline import CACHE_MODES, Preprocessing, make_datasets
+from medssl.data.table import Cohort
 
 log = logging.getLogger(__name__)
 
+SPLITS = ("train", "val", "test", "predict")
+Folds = Sequence[int | str] | int | str | None
+
 
 class CohortDataModule(L.LightningDataModule):
-    """Train/val datasets (and optional k-NN monitor sets) from one cohort CSV.
+    """Train/val/test/predict datasets from one cohort CSV.
+
+    ``setup`` reads the CSV once and checks every selected row of every split (headers of
+    every volume) before anything trains; all problems are reported together.
 
     Args:
-        csv_path: cohort CSV.
-        task: CSV format (see ``medssl.data.table``).
-        train_folds: folds for training.
-        val_folds: folds for validation (None: no validation).
+        csv_path: cohort CSV (formats in ``medssl.data.table``).
+        task: CSV format (``ssl``, ``classification``, ``segmentation``, ``mae2d``, ...).
+        splits: split name (``train``, ``val``, ``test``, ``predict``) -> folds to select;
+            None or empty leaves the split out.
         settings: deterministic preprocessing.
-        train_augment: random transforms after preprocessing for training.
-        val_augment: random transforms after preprocessing for validation.
-        batch_size: samples per device and step.
+        augment: split name -> random transforms applied after preprocessing.
+        batch_size: samples per device and training step.
+        eval_batch_size: samples per device for val/test/predict (None: ``batch_size``).
         n_workers: data loader processes.
         targets: target columns to validate and encode.
-        knn_target: a target column; adds un-augmented train ("bank") and val ("query")
-            loaders at ``knn_size`` as validation loaders 1 and 2.
-        knn_size: spatial size of the k-NN inputs.
         cache, cache_dir, reset_cache: see ``medssl.data.pipeline.build_dataset``.
+        slices: split name -> stored voxel axis; that split's volume rows become one 2D
+            item per slice (e.g. ``{"train": 2}`` for 2D training, whole volumes elsewhere).
+        empty_per_foreground: for sliced splits with labels, keep all foreground slices and
+            this many empty slices per foreground slice (None keeps all).
+        seed: seed of that slice selection.
+
+    Attributes:
+        cohort: the validated CSV (``cohort.encodings`` maps targets to categories); set by
+            ``setup``.
+        datasets: split name -> dataset; set by ``setup``.
     """
 
-    def __init__(self, csv_path: str | Path, task: str, train_folds: Sequence[int | str],
-                 val_folds: Sequence[int | str] | None, settings: Preprocessing,
-                 train_augment: Sequence[Callable] = (), val_augment: Sequence[Callable] = (),
-                 batch_size: int = 2, n_workers: int = 0, targets: Sequence[str] = (),
-                 knn_target: str | None = None, knn_size: Sequence[int] | None = None,
-                 cache: str = "none", cache_dir: str | Path | None = None,
-                 reset_cache: bool = False) -> None:
+    def __init__(self, csv_path: str | Path, task: str, splits: Mapping[str, Folds],
+                 settings: Preprocessing, augment: Mapping[str, Sequence[Callable]] | None = None,
+                 batch_size: int = 2, eval_batch_size: int | None = None, n_workers: int = 0,
+                 targets: Sequence[str] = (), cache: str = "none",
+                 cache_dir: str | Path | None = None, reset_cache: bool = False,
+                 slices: Mapping[str, int] | None = None,
+                 empty_per_foreground: float | None = None, seed: int = 0) -> None:
         super().__init__()
-        self.csv_path, self.task = csv_path, task
-        self.train_folds, self.val_folds = train_folds, val_folds
-        self.settings, self.batch_size, self.n_workers = settings, batch_size, n_workers
-        self.train_augment, self.val_augment = list(train_augment), list(val_augment)
+        augment = dict(augment or {})
+        for name in [*splits, *augment, *(slices or {})]:
+            look_up_option(name, SPLITS)
+        for what, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value is not None and value < 1:
+                raise ValueError(f"{what} must be positive, got {value}")
+        if n_workers < 0:
+            raise ValueError(f"n_workers must be >= 0, got {n_workers}")
+        look_up_option(cache, CACHE_MODES)
+        self.csv_path, self.task, self.settings = csv_path, task, settings
+        self.splits = {k: v for k, v in splits.items() if v is not None and v != []}
+        self.augment = augment
+        self.batch_size, self.n_workers = batch_size, n_workers
+        self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
         self.targets = list(targets)
-        self.knn_target, self.knn_size = knn_target, knn_size
         self.cache, self.cache_dir, self.reset_cache = cache, cache_dir, reset_cache
+        self.slices, self.empty_per_foreground, self.seed = dict(slices or {}), \
+            empty_per_foreground, seed
         self.datasets: dict[str, Dataset] = {}
-        self.encodings: dict[str, list[str]] = {}
+        self.cohort: Cohort | None = None
 
     def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
+        """Build every split's dataset (once; later calls, e.g. for ``test``, reuse them)."""
+        if self.cohort is not None:
             return
-        self.datasets, cohort = make_datasets(
-            self.csv_path, self.task, {"train": self.train_folds, "val": self.val_folds},
-            self.settings, targets=self.targets,
-            augment={"train": self.train_augment, "val": self.val_augment}, cache=self.cache,
-            cache_dir=self.cache_dir, reset_cache=self.reset_cache)
-        self.encodings = cohort.encodings
-        if self.knn_target and self.val_folds:
-            self.datasets |= self._knn_datasets(cohort)
+        self.datasets, self.cohort = make_datasets(
+            self.csv_path, self.task, self.splits, self.settings, targets=self.targets,
+            augment=self.augment, cache=self.cache, cache_dir=self.cache_dir,
+            reset_cache=self.reset_cache, slices=self.slices,
+            empty_per_foreground=self.empty_per_foreground, seed=self.seed)
+        log.info("%s: %s", Path(self.csv_path).name,
+                 ", ".join(f"{n} {len(d)} items" for n, d in self.datasets.items()))
 
-    def _knn_datasets(self, cohort: Cohort) -> dict[str, Dataset]:
-        """Un-augmented train ("bank") and val ("query") sets of the rows that have a
-        ``knn_target`` value; unlabelled rows still train, they only skip the monitor."""
-        target = self.knn_target
-        labelled = [r for r in cohort.records if not is_missing(r[target])]
-        categories = category_order(r[target] for r in labelled)
-        self.encodings[target] = categories
-        if len(labelled) < len(cohort.records):
-            log.info("k-NN monitor: %d of %d rows have a %s value", len(labelled),
-                     len(cohort.records), target)
-        labelled_ids = {r["row"] for r in labelled}
-        steps = [*preprocessing_transforms(self.settings, label=False),
-                 Resized(IMAGE, spatial_size=list(self.knn_size), mode="trilinear")]
-        out = {}
-        for name, folds in (("knn_bank", self.train_folds), ("knn_query", self.val_folds)):
-            rows = [dict(r, **{target: categories.index(r[target])})
-                    for r in cohort.select(folds) if r["row"] in labelled_ids]
-            if rows:
-                out[name] = build_dataset(to_items(rows, self.task), steps, self.settings,
-                                          self.cache, self.cache_dir)
-        return out if len(out) == 2 else {}
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        return DataLoader(self.datasets[name], batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.n_workers, drop_last=shuffle,
+    def _dataset(self, name: str) -> Dataset:
+        if self.cohort is None:
+            raise RuntimeError("call setup() before asking for data loaders")
+        if name not in self.datasets:
+            raise ValueError(f"{self.csv_path}: no '{name}' split configured (splits: "
+                             f"{sorted(self.datasets)}); give its folds")
+        return self.datasets[name]
+
+    def _loader(self, name: str, batch_size: int, train: bool = False) -> DataLoader:
+        return DataLoader(self._dataset(name), batch_size=batch_size, shuffle=train,
+                          drop_last=train, num_workers=self.n_workers,
                           persistent_workers=self.n_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        if len(self.datasets["train"]) < self.batch_size:
-            raise ValueError(f"{self.csv_path}: {len(self.datasets['train'])} training rows "
-                             f"but batch_size={self.batch_size}; lower batch_size")
-        return self._loader("train", shuffle=True)
+        n = len(self._dataset("train"))
+        if n < self.batch_size:
+            raise ValueError(f"{self.csv_path}: {n} training items but batch_size="
+                             f"{self.batch_size} (incomplete batches are dropped); lower "
+                             "batch_size or add training rows")
+        return self._loader("train", self.batch_size, train=True)
 
-    def val_dataloader(self) -> list[DataLoader]:
-        names = [n for n in ("val", "knn_bank", "knn_query") if n in self.datasets]
-        return [self._loader(n, shuffle=False) for n in names]
+    def val_dataloader(self) -> DataLoader | list:
+        """The val loader, or an empty list (no validation) when no val split is given."""
+        if self.cohort is not None and "val" not in self.datasets:
+            return []
+        return self._loader("val", self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", self.eval_batch_size)

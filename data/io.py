@@ -8,12 +8,15 @@ errors).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
+import pydicom.pixels
 import torch
 from monai.config import KeysCollection
 from monai.data import ImageReader, MetaTensor
@@ -240,3 +243,130 @@ class LoadVolumed(MapTransform):
 
 def _blank(value: object) -> bool:
     return value is None or (isinstance(value, float) and np.isnan(value)) or value == ""
+
+
+# ---------------------------------------------------------------------------------------
+# Single slices (2D items): read one stored plane without decoding the whole volume.
+
+
+@dataclass
+class Slice:
+    """One stored plane of a volume, not reoriented.
+
+    Attributes:
+        array: float32 (C, A, B): the stored axes other than ``axis``, in stored order.
+        file_affine: 4x4 voxel-to-RAS affine of the whole stored grid (NIfTI: the file's;
+            DICOM: the loader's (columns, rows, slices) grid).
+        file_shape: the stored grid's spatial shape.
+        axis: the stored axis the plane was cut along.
+        index: the plane's index along ``axis``.
+        meta: ``filename_or_obj``, ``source`` and, for DICOM, ``series``.
+    """
+
+    array: np.ndarray
+    file_affine: np.ndarray
+    file_shape: tuple[int, int, int]
+    axis: int
+    index: int
+    meta: dict
+
+
+def read_slice(path: str | Path, index: int, axis: int = 2, series: str | None = None) -> Slice:
+    """Read the plane ``index`` along stored axis ``axis`` of a NIfTI file or DICOM series.
+
+    ``axis`` counts the axes as stored: the NIfTI array's axes, or for DICOM the loader's
+    (columns, rows, slices) grid, whose axis 2 runs through the files in spatial order.
+    NIfTI planes are read through nibabel's array proxy (only that plane's bytes; a
+    ``.nii.gz`` is decompressed up to it). DICOM planes along axis 2 decode one file (or
+    one frame); the series' headers are scanned once per folder and process.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise VolumeError(f"{path}: no such file or folder")
+    if axis not in (0, 1, 2):
+        raise VolumeError(f"{path}: slice axis {axis} is not one of 0, 1, 2")
+    if is_nifti(path):
+        array, affine, shape = _read_nifti_slice(path, index, axis)
+        meta = {"source": "nifti"}
+    else:
+        array, affine, shape, meta = _read_dicom_slice(path, index, axis, series)
+    meta["filename_or_obj"] = str(path)
+    return Slice(np.ascontiguousarray(array, dtype=np.float32), affine, shape, axis, index, meta)
+
+
+def _check_index(path: Path, index: int, axis: int, shape: Sequence[int]) -> None:
+    if not 0 <= index < shape[axis]:
+        raise VolumeError(f"{path}: slice {index} is outside stored axis {axis} "
+                          f"({shape[axis]} slices; stored shape {tuple(shape)})")
+
+
+def _read_nifti_slice(path: Path, index: int, axis: int
+                      ) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]]:
+    try:
+        # mmap=False: the proxy then reads just the plane's bytes (a memory map would
+        # need the whole file to be present and mapped).
+        img = nib.load(str(path), mmap=False)
+    except Exception as exc:
+        raise VolumeError(f"{path}: cannot read NIfTI header ({exc})") from exc
+    if len(img.shape) not in (3, 4):
+        raise VolumeError(f"{path}: expected a 3D or 4D image, got shape {img.shape}")
+    shape = tuple(int(s) for s in img.shape[:3])
+    _check_index(path, index, axis, shape)
+    where: list[slice | int] = [slice(None)] * len(img.shape)
+    where[axis] = index
+    try:
+        plane = np.asarray(img.dataobj[tuple(where)], dtype=np.float32)
+    except Exception as exc:
+        raise VolumeError(f"{path}: cannot read slice {index} along axis {axis} "
+                          f"({type(exc).__name__}: {exc})") from exc
+    plane = plane[None] if plane.ndim == 2 else np.moveaxis(plane, -1, 0)
+    return plane, img.affine.astype(np.float64), shape
+
+
+@functools.lru_cache(maxsize=64)
+def _series_geometry(path: str, series: str | None, mtime_ns: int) -> tuple[object, dict]:
+    """Header scan of one series, kept per (path, series, modification time)."""
+    key, files = dicom.select_series(dicom.scan_path(path), path, series)
+    geometry = dicom.series_geometry(files, key.label())
+    return geometry, {"source": "dicom", "series": key.label(), "modality": files[0].modality}
+
+
+def _read_dicom_slice(path: Path, index: int, axis: int, series: str | None
+                      ) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int], dict]:
+    geometry, meta = _series_geometry(str(path), None if _blank(series) else str(series),
+                                      path.stat().st_mtime_ns)
+    shape = tuple(int(s) for s in geometry.shape)
+    _check_index(path, index, axis, shape)
+    affine = dicom.LPS_TO_RAS @ geometry.affine_lps
+    if axis != 2:  # a plane across the files needs every file's pixels
+        volume = dicom.decode_series(geometry, meta["series"])
+        plane = np.take(volume, index, axis=axis)
+    else:
+        frame = geometry.frames[index]
+        try:
+            ds = pydicom.dcmread(frame.path)
+            pixels = pydicom.pixels.pixel_array(ds, index=frame.frame)
+        except Exception as exc:  # decoders raise many types; name the file
+            raise dicom.DicomError(f"series {meta['series']}: cannot decode pixel data of "
+                                   f"{frame.path}: {type(exc).__name__}: {exc}") from exc
+        if pixels.shape != shape[1::-1]:
+            raise dicom.DicomError(f"series {meta['series']}: {frame.path} decodes to "
+                                   f"{pixels.shape}, header says {shape[1::-1]}")
+        # float64 like dicom.decode_series, so a slice equals the volume's plane exactly
+        plane = (pixels.astype(np.float64) * frame.slope + frame.intercept).T
+    return plane[None], affine, shape, dict(meta)
+
+
+def slices_with_foreground(path: str | Path, axis: int = 2,
+                           series: str | None = None) -> np.ndarray:
+    """Per stored slice along ``axis``: does the label map hold any non-zero voxel?
+
+    Reads the whole label map once (label maps are small next to the images).
+    """
+    path = Path(path)
+    if is_nifti(path):
+        array = _read_nifti(path)[0]
+    else:
+        array = dicom.read_series(path, None if _blank(series) else str(series))[0]
+    other = tuple(a for a in range(array.ndim) if a != axis)
+    return np.asarray(array != 0).any(axis=other)

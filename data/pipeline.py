@@ -1,4 +1,10 @@
-"""Preprocessing pipelines on MONAI dictionary transforms, and datasets with selectable caching."""
+"""Preprocessing pipelines on MONAI dictionary transforms, and datasets with selectable caching.
+
+Items are volumes, or 2D slices of volumes (``slice`` and ``slice_axis`` keys). ``slice``
+indexes a *stored* voxel axis: the NIfTI array's axis, or for DICOM the loader's
+(columns, rows, slices) grid; a CSV's ``slice`` column indexes stored axis 2
+(``CSV_SLICE_AXIS``, the axis ``validate_volumes`` checks it against).
+"""
 
 from __future__ import annotations
 
@@ -7,50 +13,70 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from monai.config import KeysCollection
 from monai.data import CacheDataset, Dataset, PersistentDataset
-from monai.transforms import (
-    Compose,
-    EnsureTyped,
-    MapTransform,
-    Orientationd,
-    Resized,
-    ScaleIntensityRangePercentilesd,
-)
+from monai.transforms import Compose, EnsureTyped
 from monai.utils import look_up_option
 
 from medssl.data.dicom import DicomError
-from medssl.data.io import LoadVolumed, VolumeError
-from medssl.data.table import Cohort, CohortError, read_cohort, validate_volumes
+from medssl.data.geometry import GEOMETRY
+from medssl.data.io import VolumeError, read_volume_info, slices_with_foreground
+from medssl.data.table import (
+    TASK_COLUMNS,
+    Cohort,
+    CohortError,
+    is_missing,
+    read_cohort,
+    validate_volumes,
+)
+from medssl.data.transforms import (
+    SLICE,
+    SLICE_AXIS,
+    CheckSameGridd,
+    GridResized,
+    LoadItemd,
+    ScaleToUnitd,
+)
 
 log = logging.getLogger(__name__)
 
 CACHE_MODES = ("none", "memory", "disk")
 IMAGE, LABEL = "image", "label"
-CACHE_FORMAT = 1  # bump when the loader's output changes, to retire old disk caches
+HAS_FOREGROUND = "has_foreground"
+CSV_SLICE_AXIS = 2  # the stored axis a CSV's ``slice`` column indexes
+# Bump when the preprocessing output changes, to retire old disk caches.
+# 2: geometry, area resizing, min-max fallback, max_val scaling, slice items.
+CACHE_FORMAT = 2
+# What the disk cache serves; every other item field comes from the current CSV.
+CACHED_KEYS = (IMAGE, LABEL, GEOMETRY)
 
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """Deterministic preprocessing settings (everything that changes cached volumes).
+    """Deterministic preprocessing settings (everything that changes cached items).
 
     Attributes:
-        resize_to: output spatial size (X, Y, Z) in RAS order; None keeps the native grid.
+        resize_to: output spatial size, 3 sizes (X, Y, Z in RAS order) for volumes or 2 for
+            slice items; None keeps the native grid. Shrinking axes are area-averaged,
+            growing axes interpolated linearly, label maps copied nearest.
         lower_percentile: intensities below this percentile are clipped, then map to 0.
         upper_percentile: intensities above this percentile are clipped, then map to 1.
-        normalize: False skips the percentile scaling (e.g. CT already in HU windows).
+        normalize: False skips intensity scaling (e.g. CT already in HU windows).
+        use_max_val: rows with a ``max_val`` column are scaled by it (x / max_val clipped to
+            [0, 1]) instead of by their own percentiles.
     """
 
     resize_to: tuple[int, ...] | None = None
     lower_percentile: float = 0.5
     upper_percentile: float = 99.5
     normalize: bool = True
+    use_max_val: bool = True
 
     def __post_init__(self) -> None:
         if not 0 <= self.lower_percentile < self.upper_percentile <= 100:
@@ -58,75 +84,55 @@ class Preprocessing:
                              f"{self.lower_percentile}, {self.upper_percentile}")
         if self.resize_to is not None:
             object.__setattr__(self, "resize_to", tuple(int(s) for s in self.resize_to))
-            if len(self.resize_to) != 3 or min(self.resize_to) < 1:
-                raise ValueError(f"resize_to must be 3 positive sizes, got {self.resize_to}")
-
-
-class CheckSameGridd(MapTransform):
-    """Fail, naming the CSV row and both files, when a label is not on its image's grid."""
-
-    def __init__(self, keys: KeysCollection, reference_key: str = IMAGE, row_key: str = "row",
-                 atol_mm: float = 1e-2) -> None:
-        super().__init__(keys)
-        self.reference_key, self.row_key, self.atol_mm = reference_key, row_key, atol_mm
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
-        d = dict(data)
-        ref = d[self.reference_key]
-        for key in self.key_iterator(d):
-            img = d[key]
-            if img.shape[1:] != ref.shape[1:] or not np.allclose(
-                np.asarray(img.affine), np.asarray(ref.affine), atol=self.atol_mm
-            ):
-                raise VolumeError(
-                    f"{d.get(self.row_key, '')}: {key} {img.meta.get('filename_or_obj')} has "
-                    f"grid {tuple(img.shape[1:])} that differs from {self.reference_key} "
-                    f"{ref.meta.get('filename_or_obj')} {tuple(ref.shape[1:])} (or its affine)"
-                )
-        return d
+            if len(self.resize_to) not in (2, 3) or min(self.resize_to) < 1:
+                raise ValueError("resize_to must be 2 (slices) or 3 (volumes) positive sizes, "
+                                 f"got {self.resize_to}")
 
 
 def preprocessing_transforms(settings: Preprocessing, label: bool = False) -> list[Callable]:
-    """Load, RAS orientation, percentile normalisation, resize; channel first throughout.
+    """Load (RAS volume or oriented slice), scale intensities to [0, 1], resize.
+
+    Every item gets ``geometry`` (``medssl.data.geometry``), kept in step with the
+    resizing, so outputs can be mapped back to the input file's grid.
 
     Args:
         settings: the preprocessing settings.
         label: also load ``label`` (nearest-neighbour resize, no intensity change).
 
     Returns:
-        a list of dictionary transforms over the keys ``image`` (and ``label``).
+        a list of dictionary transforms over the keys ``image`` (and ``label``), channel
+        first throughout.
     """
     keys = [IMAGE, LABEL] if label else [IMAGE]
-    steps: list[Callable] = [LoadVolumed(keys)]
+    # No MONAI Orientationd: the loader already returns RAS volumes (and turned slices),
+    # and the geometry records exactly that reorientation.
+    steps: list[Callable] = [LoadItemd(keys)]
     if label:
         steps.append(CheckSameGridd([LABEL]))
-    # The loader already returns RAS; this keeps the guarantee if the reader is swapped.
-    steps.append(Orientationd(keys, axcodes="RAS", labels=None))
     if settings.normalize:
-        steps.append(ScaleIntensityRangePercentilesd(
-            IMAGE, lower=settings.lower_percentile, upper=settings.upper_percentile,
-            b_min=0.0, b_max=1.0, clip=True))
+        steps.append(ScaleToUnitd(IMAGE, settings.lower_percentile, settings.upper_percentile,
+                                  max_val_key="max_val" if settings.use_max_val else None))
     if settings.resize_to is not None:
-        modes = ["trilinear", "nearest"][: len(keys)]
-        steps.append(Resized(keys, spatial_size=settings.resize_to, mode=modes,
-                             anti_aliasing=[True, False][: len(keys)]))
+        steps.append(GridResized(keys, settings.resize_to, mode=["area", "nearest"][: len(keys)]))
     steps.append(EnsureTyped(keys, dtype=torch.float32))
     return steps
 
 
 def _item_hash(item: Mapping) -> bytes:
-    """Cache key of one row: its volume paths, series choice and file modification times."""
-    parts = {}
-    for key in (IMAGE, LABEL, "series"):
+    """Cache key of one item: what its preprocessing reads (paths with modification times,
+    series, slice, max_val)."""
+    parts: dict[str, object] = {}
+    for key in (IMAGE, LABEL, "series", SLICE, SLICE_AXIS, "max_val"):
         if key in item and item[key] is not None:
             value = str(item[key])
-            mtime = os.stat(value).st_mtime_ns if os.path.exists(value) else None
+            mtime = os.stat(value).st_mtime_ns if key in (IMAGE, LABEL) and \
+                os.path.exists(value) else None
             parts[key] = (value, mtime)
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest().encode()
 
 
 def cache_key(settings: Preprocessing) -> str:
-    """Short hash of everything that determines a cached volume."""
+    """Short hash of everything that determines a cached item."""
     payload = {"settings": asdict(settings), "format": CACHE_FORMAT}
     return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -163,7 +169,12 @@ class _CacheDataset(_ClearErrors, CacheDataset):
 
 
 class _PersistentDataset(_ClearErrors, PersistentDataset):
-    pass
+    def _cachecheck(self, item_transformed: Mapping) -> dict:
+        cached = super()._cachecheck(item_transformed)
+        # Files are keyed by what preprocessing reads, so CSV-only fields (targets, fold,
+        # row) of a cached copy may be stale: take those from the current item.
+        live = {k: v for k, v in item_transformed.items() if k not in CACHED_KEYS}
+        return {**cached, **live}
 
 
 def build_dataset(
@@ -178,9 +189,11 @@ def build_dataset(
     """A MONAI dataset over ``records`` with the chosen caching.
 
     Args:
-        records: dicts with ``image`` (and ``label``) paths, ``row`` and any targets.
-        transforms: deterministic preprocessing first, then any random augmentation;
-            MONAI caches the output of the transforms before the first random one.
+        records: items from ``to_items`` (or ``expand_slices``): ``image`` (and ``label``)
+            paths, ``row`` and any targets.
+        transforms: deterministic preprocessing first (``preprocessing_transforms``), then
+            any random augmentation; MONAI caches the output of the transforms before the
+            first random one.
         settings: the preprocessing settings; the disk cache lives in a sub-folder named by
             their hash, so changed settings never serve stale volumes.
         cache: ``none``, ``memory`` (CacheDataset) or ``disk`` (PersistentDataset).
@@ -208,7 +221,11 @@ def build_dataset(
 
 
 def to_items(records: Sequence[dict], task: str) -> list[dict]:
-    """Cohort rows -> dataset items with ``image`` (and ``label``) keys."""
+    """Cohort rows -> dataset items with ``image`` (and ``label``) paths.
+
+    Rows of a task with a ``slice`` column (``mae2d``) become slice items along stored
+    axis ``CSV_SLICE_AXIS``; all other rows are volume items.
+    """
     items = []
     for r in records:
         item = dict(r)
@@ -216,8 +233,90 @@ def to_items(records: Sequence[dict], task: str) -> list[dict]:
             item[IMAGE], item[LABEL] = r["img_path"], r["seg_path"]
         else:
             item[IMAGE] = r["path"]
+        if SLICE in TASK_COLUMNS.get(task, ()):
+            item[SLICE], item[SLICE_AXIS] = int(r[SLICE]), CSV_SLICE_AXIS
         items.append(item)
     return items
+
+
+def expand_slices(items: Sequence[dict], slice_axis: int = CSV_SLICE_AXIS,
+                  foreground: bool = False, workers: int = 8) -> list[dict]:
+    """Volume items -> one slice item per stored slice along ``slice_axis``.
+
+    Image and label (when the item has one) are sliced together. Slice counts come from
+    the headers; with ``foreground`` each label map is read once and every item gets
+    ``has_foreground`` (any non-zero label voxel in that slice), for ``select_slices``.
+
+    Args:
+        items: volume items from ``to_items``.
+        slice_axis: the stored voxel axis to cut along (0, 1 or 2).
+        foreground: mark slices with foreground (needs ``label``).
+        workers: threads reading headers and label maps.
+    """
+    if slice_axis not in (0, 1, 2):
+        raise ValueError(f"slice_axis must be 0, 1 or 2 (a stored voxel axis), got {slice_axis}")
+    for item in items:
+        if item.get(SLICE_AXIS) is not None:
+            raise ValueError(f"{item.get('row', '')}: already a slice item")
+        if foreground and LABEL not in item:
+            raise ValueError(f"{item.get('row', '')}: foreground marking needs a label")
+
+    def count(item: dict) -> tuple[int, np.ndarray | None]:
+        series = None if is_missing(item.get("series")) else str(item["series"])
+        try:
+            n = read_volume_info(item[IMAGE], series).original_shape[slice_axis]
+            fg = slices_with_foreground(item[LABEL], slice_axis, series) if foreground else None
+        except (VolumeError, DicomError) as exc:
+            raise VolumeError(f"{item.get('row', '')}: {exc}") from exc
+        return n, fg
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        counts = list(pool.map(count, items))
+    out = []
+    for item, (n, fg) in zip(items, counts, strict=True):
+        for k in range(n):
+            extra = {} if fg is None else {HAS_FOREGROUND: bool(fg[k])}
+            out.append({**item, SLICE: k, SLICE_AXIS: slice_axis, **extra})
+    return out
+
+
+def select_slices(items: Sequence[dict], empty_per_foreground: float, seed: int = 0
+                  ) -> list[dict]:
+    """Keep every slice with foreground and, drawn at random, ``empty_per_foreground``
+    empty slices per foreground slice (all empty ones when there are fewer).
+
+    Args:
+        items: slice items marked by ``expand_slices(..., foreground=True)``.
+        empty_per_foreground: e.g. 0.5 keeps half as many empty as foreground slices.
+        seed: the draw's seed (the same seed selects the same slices).
+
+    Returns:
+        the kept items in their original order.
+    """
+    if empty_per_foreground < 0:
+        raise ValueError(f"empty_per_foreground must be >= 0, got {empty_per_foreground}")
+    unmarked = [i for i in items if HAS_FOREGROUND not in i]
+    if unmarked:
+        raise ValueError(f"{unmarked[0].get('row', '')}: slice items need has_foreground; "
+                         "build them with expand_slices(..., foreground=True)")
+    empty = [n for n, i in enumerate(items) if not i[HAS_FOREGROUND]]
+    n_fg = len(items) - len(empty)
+    n_keep = min(len(empty), round(empty_per_foreground * n_fg))
+    drawn = np.random.default_rng(seed).choice(len(empty), size=n_keep, replace=False)
+    keep = {empty[j] for j in drawn}
+    return [i for n, i in enumerate(items) if i[HAS_FOREGROUND] or n in keep]
+
+
+def _check_dimensions(settings: Preprocessing, items: Mapping[str, Sequence[dict]]) -> None:
+    """``resize_to`` must have one size per spatial axis of the items it resizes."""
+    if settings.resize_to is None:
+        return
+    for name, rows in items.items():
+        dims = 2 if rows and rows[0].get(SLICE_AXIS) is not None else 3
+        if len(settings.resize_to) != dims:
+            raise ValueError(f"resize_to {list(settings.resize_to)} has "
+                             f"{len(settings.resize_to)} sizes, but the '{name}' items are "
+                             f"{dims}D {'slices' if dims == 2 else 'volumes'}; give {dims} sizes")
 
 
 def make_datasets(
@@ -231,6 +330,9 @@ def make_datasets(
     cache_dir: str | Path | None = None,
     reset_cache: bool = False,
     validate: bool = True,
+    slices: Mapping[str, int] | None = None,
+    empty_per_foreground: float | None = None,
+    seed: int = 0,
 ) -> tuple[dict[str, Dataset], Cohort]:
     """Read the CSV, check every selected row and build one dataset per split.
 
@@ -243,6 +345,11 @@ def make_datasets(
         augment: split name -> random transforms appended after preprocessing.
         cache, cache_dir, reset_cache: see ``build_dataset``.
         validate: read every selected volume's headers first and report all bad rows.
+        slices: split name -> stored voxel axis; that split's volume rows become one item
+            per slice (2D training on volumes). Other splits serve whole volumes.
+        empty_per_foreground: for expanded splits with labels, keep all slices with
+            foreground and this many empty slices per foreground slice (None keeps all).
+        seed: seed of that selection.
 
     Returns:
         the datasets by split and the cohort (with its target encodings).
@@ -253,15 +360,28 @@ def make_datasets(
     empty = [name for name, rows in selected.items() if not rows]
     if empty:
         raise CohortError(f"{cohort.csv_path}: no rows selected for {empty}")
+    slices = dict(slices or {})
+    unknown = sorted(set(slices) - set(selected))
+    if unknown:
+        raise ValueError(f"slices names split(s) {unknown} that are not selected "
+                         f"({sorted(selected)})")
     if validate:
         seen: dict[str, dict] = {}
         for rows in selected.values():
             seen.update({r["row"]: r for r in rows})
         validate_volumes(cohort, list(seen.values()))
-    base = preprocessing_transforms(settings, label=task == "segmentation")
+    label = task == "segmentation"
+    items = {name: to_items(rows, task) for name, rows in selected.items()}
+    for name, axis in slices.items():
+        mark = label and empty_per_foreground is not None
+        items[name] = expand_slices(items[name], axis, foreground=mark)
+        if mark:
+            items[name] = select_slices(items[name], empty_per_foreground, seed)
+    _check_dimensions(settings, items)
+    base = preprocessing_transforms(settings, label=label)
     datasets = {
-        name: build_dataset(to_items(rows, task), [*base, *(augment or {}).get(name, ())],
-                            settings, cache, cache_dir, reset_cache and n == 0)
-        for n, (name, rows) in enumerate(selected.items())
+        name: build_dataset(rows, [*base, *(augment or {}).get(name, ())], settings, cache,
+                            cache_dir, reset_cache and n == 0)
+        for n, (name, rows) in enumerate(items.items())
     }
     return datasets, cohort

@@ -27,6 +27,7 @@ from medssl.models.weights import LoadReport, load_weights
 from medssl.run.checkpoints import checkpoint_callbacks
 from medssl.run.config import WEIGHT_SOURCES, plain
 from medssl.run.loggers import EpochProgressBar, build_loggers
+from medssl.run.seeding import EpochSeed
 from medssl.run.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -99,18 +100,19 @@ def weight_source(cfg: DictConfig) -> WeightSource | None:
     return WeightSource(given[0], path)
 
 
-def check_loadable(path: Path, trust: bool) -> None:
+def check_loadable(path: Path, trust: bool) -> int:
     """Refuse a checkpoint that ``torch.load(weights_only=True)`` cannot read (it would run
-    pickled code) unless ``trust_checkpoint=true``."""
-    if trust:
-        return
+    pickled code) unless ``trust_checkpoint=true``; return its ``global_step`` (0 if none)."""
     try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
+        if trust:
+            return 0
         raise ValueError(
             f"{path} holds pickled Python objects beyond tensors and plain types, so loading it "
             "could run code from the file. Only if you trust its origin, set "
             "trust_checkpoint=true.") from err
+    return int(checkpoint.get("global_step", 0)) if isinstance(checkpoint, dict) else 0
 
 
 def resume_checkpoint(cfg: DictConfig, source: WeightSource | None) -> Path | None:
@@ -190,9 +192,14 @@ def _on_gpu(accelerator: str) -> bool:
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
-def build_trainer(cfg: DictConfig, task: Task, callbacks: list[L.Callback]) -> L.Trainer:
+def build_trainer(cfg: DictConfig, task: Task, callbacks: list[L.Callback],
+                  resume_step: int = 0) -> L.Trainer:
     """Lightning trainer: CPU, one GPU or DDP over ``devices``/``num_nodes``; extra Trainer
-    arguments from ``trainer`` (e.g. ``+trainer.limit_train_batches=2``)."""
+    arguments from ``trainer`` (e.g. ``+trainer.limit_train_batches=2``).
+
+    ``resume_step``: the step a resumed run restarts from; TensorBoard drops the events an
+    interrupted run wrote past it, so replayed steps are not shown twice.
+    """
     if cfg.monitor_mode not in MONITOR_MODES:
         raise ValueError(f"monitor_mode must be one of {MONITOR_MODES}, got {cfg.monitor_mode!r}")
     monitor = cfg.monitor if cfg.get("val_folds") else None
@@ -201,8 +208,11 @@ def build_trainer(cfg: DictConfig, task: Task, callbacks: list[L.Callback]) -> L
         task.export_attr)]
     if cfg.progress_bar:
         callbacks.append(EpochProgressBar())
+    if cfg.seed is not None:
+        callbacks.append(EpochSeed(cfg.seed))
     loggers = build_loggers(cfg.results_dir, cfg.experiment, cfg.clearml,
-                            cfg.clearml_project_name, OmegaConf.to_container(cfg, resolve=True))
+                            cfg.clearml_project_name, OmegaConf.to_container(cfg, resolve=True),
+                            purge_step=resume_step or None)
     return L.Trainer(
         default_root_dir=run_dir(cfg), max_epochs=cfg.n_epochs, accelerator=cfg.accelerator,
         devices=plain(cfg.devices), num_nodes=cfg.num_nodes, precision=cfg.precision,
@@ -223,9 +233,9 @@ def run(cfg: DictConfig) -> L.Trainer:
     if source is not None and source.key == "test_ckpt" and not task.has_test:
         raise ValueError(f"test_ckpt: {task.name} has no test stage")
     resume = resume_checkpoint(cfg, source)
-    for path in (resume, source.path if source is not None else None):
-        if path is not None and path.suffix == ".ckpt":
-            check_loadable(path, cfg.trust_checkpoint)
+    resume_step = check_loadable(resume, cfg.trust_checkpoint) if resume is not None else 0
+    if source is not None and source.path.suffix == ".ckpt" and source.path != resume:
+        check_loadable(source.path, cfg.trust_checkpoint)
     if cfg.seed is not None:
         L.seed_everything(cfg.seed, workers=True)
     data = task.build_data(cfg)
@@ -236,7 +246,7 @@ def run(cfg: DictConfig) -> L.Trainer:
         (log.info if report.complete else log.warning)("%s: %s", source.key, report)
     with run_lock(run_dir(cfg)):
         save_config(cfg)
-        trainer = build_trainer(cfg, task, task.callbacks(cfg, data))
+        trainer = build_trainer(cfg, task, task.callbacks(cfg, data), resume_step)
         weights_only = not cfg.trust_checkpoint
         if source is None or source.key != "test_ckpt":
             trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=weights_only)

@@ -88,10 +88,14 @@ def make_clearml_logger(project: str, task_name: str, config: dict) -> ClearMLLo
 
 
 def build_loggers(results_dir: str | Path, experiment: str, clearml: bool, clearml_project: str,
-                  config: dict) -> list[Logger]:
-    """TensorBoard under ``results_dir/experiment/tensorboard``, plus ClearML when asked."""
+                  config: dict, purge_step: int | None = None) -> list[Logger]:
+    """TensorBoard under ``results_dir/experiment/tensorboard``, plus ClearML when asked.
+
+    ``purge_step``: on resume, TensorBoard hides earlier events at or after this step.
+    """
     loggers: list[Logger] = [TensorBoardLogger(save_dir=str(results_dir), name=experiment,
-                                               version="tensorboard", default_hp_metric=False)]
+                                               version="tensorboard", default_hp_metric=False,
+                                               purge_step=purge_step)]
     if clearml:
         task_logger = make_clearml_logger(clearml_project, experiment, config)
         if task_logger is not None:

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from medssl.data import io as medssl_io
+from medssl.data import pipeline as datamodule_pipeline
+from medssl.data.datamodule import CohortDataModule
 from medssl.data.demo import COHORTS, DemoPaths
 from medssl.data.io import VolumeError
 from medssl.data.pipeline import Preprocessing, cache_key, make_datasets
@@ -187,3 +189,54 @@ def test_loadvolumed_error_names_row(demo: DemoPaths) -> None:
     transform = medssl_io.LoadVolumed("image")
     with pytest.raises(VolumeError, match="my.csv line 9: image: .*no such file"):
         transform({"image": str(demo.root / "missing"), "row": "my.csv line 9"})
+
+
+def test_datamodule_serves_every_split(demo: DemoPaths) -> None:
+    data = CohortDataModule(demo.classification_csv, "classification",
+                            {"train": [0, 1, 2], "val": 3, "test": 4, "predict": None}, SMALL,
+                            batch_size=2, eval_batch_size=3, targets=["V00COHORT"])
+    data.setup("fit")
+    df = pd.read_csv(demo.classification_csv)
+    n_train = int(df.fold.isin([0, 1, 2]).sum())
+    assert data.cohort.encodings["V00COHORT"] == list(COHORTS)
+    assert len(data.train_dataloader()) == n_train // 2  # incomplete batch dropped
+    batch = next(iter(data.test_dataloader()))
+    n_test = int((df.fold == 4).sum())
+    assert batch["image"].shape == (min(3, n_test), 1, 8, 16, 16)
+    assert batch["geometry"]["file_affine"].shape == (min(3, n_test), 4, 4)
+    expected = df[df.fold == 4].PatientID.tolist()[:3]
+    assert list(batch["PatientID"]) == expected  # evaluation keeps the CSV order
+    assert len(data.val_dataloader().dataset) == int((df.fold == 3).sum())
+    with pytest.raises(ValueError, match="no 'predict' split configured"):
+        data.predict_dataloader()
+
+
+def test_datamodule_validates_all_splits_once_before_training(
+        demo: DemoPaths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "c"
+    shutil.copytree(demo.root, root)
+    df = pd.read_csv(root / "ssl.csv")
+    victim = df[df.fold == 4].iloc[0]
+    shutil.rmtree(root / "dicom" / victim.PatientID)
+    (root / "dicom" / victim.PatientID).mkdir()
+    (root / "dicom" / victim.PatientID / "x.dcm").write_bytes(b"not dicom")
+    calls = []
+    data = CohortDataModule(root / "ssl.csv", "ssl", {"train": [0, 1], "val": [1, 2],
+                                                      "test": 4}, SMALL)
+    with pytest.raises(CohortError, match=f"PatientID {victim.PatientID}.*no DICOM images"):
+        data.setup()  # the test split's volume is checked before anything trains
+    monkeypatch.setattr(datamodule_pipeline, "validate_volumes",
+                        lambda cohort, records: calls.append(sorted(r["row"] for r in records)))
+    CohortDataModule(demo.ssl_csv, "ssl", {"train": [0, 1], "val": [1, 2]}, SMALL).setup()
+    union = sorted(r for r in df.index if df.fold[r] in (0, 1, 2))
+    assert len(calls) == 1 and len(calls[0]) == len(union)
+
+
+def test_datamodule_errors(demo: DemoPaths) -> None:
+    with pytest.raises(ValueError, match="tran"):
+        CohortDataModule(demo.ssl_csv, "ssl", {"tran": 0}, SMALL)
+    data = CohortDataModule(demo.ssl_csv, "ssl", {"train": 0}, SMALL, batch_size=50)
+    data.setup()
+    with pytest.raises(ValueError, match=r"ssl.csv: \d training items but batch_size=50"):
+        data.train_dataloader()
+    assert data.val_dataloader() == []  # no val split: Lightning skips validation
