@@ -1,0 +1,95 @@
+"""The ``Backbone`` base class and the argument checks every backbone shares.
+
+Kept apart from ``medssl.models.backbones`` (which re-exports all of it) because that module
+imports every network for its registry: the networks importing the base from there would be
+an import cycle that breaks whenever a network module is imported first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+__all__ = ["Backbone", "as_size", "check_positive_int", "check_spatial_dims"]
+
+
+def check_spatial_dims(spatial_dims: int) -> None:
+    """Raise ValueError unless ``spatial_dims`` is 2 or 3."""
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    """Raise ValueError, naming ``name``, unless ``value`` is an int >= 1 (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}.")
+
+
+def as_size(name: str, value: int | Sequence[int], spatial_dims: int) -> list[int]:
+    """Expand an int to ``spatial_dims`` entries; check a sequence has that many positive ints."""
+    size = [value] * spatial_dims if isinstance(value, int) else list(value)
+    if len(size) != spatial_dims or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size
+    ):
+        raise ValueError(
+            f"{name} must be a positive int or {spatial_dims} positive ints, got {value!r}."
+        )
+    return size
+
+
+class Backbone(nn.Module):
+    """Base class: shared input checks and the contract every backbone keeps.
+
+    Subclasses set, in their constructor:
+        config: constructor arguments (plain JSON types) plus ``"name"``, so
+            ``build_backbone(**backbone.config)`` rebuilds the architecture.
+        spatial_dims, in_channels: expected input (B, in_channels, *spatial).
+        out_dim: width of the pooled ``forward`` output (B, out_dim).
+        feature_channels: channels of each ``forward_features`` map, shallow to deep.
+        feature_strides: per map, its downsampling factor per spatial axis.
+    and implement ``forward_features(x) -> list[Tensor]`` (maps (B, C_i, *spatial_i), shallow
+    to deep, for decoders) and ``forward(x) -> (B, out_dim)``.
+    """
+
+    name: ClassVar[str]
+    spatial_dims: int
+    in_channels: int
+    out_dim: int
+    feature_channels: tuple[int, ...]
+    feature_strides: tuple[tuple[int, ...], ...]
+    config: dict[str, Any]
+
+    @property
+    def input_divisors(self) -> tuple[int, ...]:
+        """Every input spatial size must be divisible by these, per axis."""
+        return (getattr(self, "divisor", 1),) * self.spatial_dims
+
+    def check_input_size(self, size: Sequence[int], what: str = "input") -> None:
+        """Raise ValueError, naming ``what``, if ``size`` cannot go through this backbone."""
+        divisors = self.input_divisors
+        if len(size) != len(divisors) or any(s % d for s, d in zip(size, divisors, strict=True)):
+            raise ValueError(f"{what} {list(size)} does not fit {type(self).__name__}: every "
+                             f"size must be divisible by {list(divisors)} per axis")
+
+    def _check_input(self, x: torch.Tensor, divisors: Sequence[int] | None = None) -> None:
+        """Fail loudly instead of letting strided convolutions floor (e.g. 40 slices / patch 16)."""
+        if divisors is None:
+            divisors = self.input_divisors
+        if x.ndim != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"{type(self).__name__} expects input (B, {self.in_channels}, "
+                f"{'D, H, W' if self.spatial_dims == 3 else 'H, W'}), got shape {tuple(x.shape)}."
+            )
+        spatial = tuple(x.shape[2:])
+        if any(s % d for s, d in zip(spatial, divisors, strict=True)):
+            raise ValueError(
+                f"{type(self).__name__}: input spatial size {spatial} must be divisible by "
+                f"{tuple(divisors)} per axis."
+            )
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Feature maps (B, feature_channels[i], *spatial / feature_strides[i]), shallow to deep."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement forward_features")
