@@ -24,19 +24,20 @@ from collections.abc import Sequence
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from monai.networks.blocks import TransformerBlock
 from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
 from monai.networks.layers import trunc_normal_
 from torch import Tensor, nn
+from torchvision.utils import make_grid
 
 from medssl.models.backbones import build_backbone
 from medssl.models.dino import warmup_cosine
-from medssl.models.monitors import crop_grid
 from medssl.models.segmenters import build_segmenter
 from medssl.models.vit import patchify, unpatchify
 
 __all__ = ["MAEDecoder", "MaskedAutoencoder", "cuboid_grid", "expand_mask", "masked_mse",
-           "random_cuboid_mask"]
+           "preview_panel", "random_cuboid_mask"]
 
 IMAGE = "image"  # the batch key of the input images (the data module's)
 
@@ -122,6 +123,24 @@ def masked_mse(pred: Tensor, target: Tensor, mask: Tensor, norm_target: bool = F
     per_patch = ((pred.float() - target) ** 2).mean(dim=-1)
     mask = mask.float()
     return (per_patch * mask).sum() / mask.sum()
+
+
+@torch.no_grad()
+def preview_panel(images: Sequence[Tensor], size: int = 128) -> Tensor:
+    """One image (3, H, W): the middle slice along axis 0 of each (1, C, *S) tensor, first
+    channel, side by side with its longer side ``size``, on the intensity scale of the first
+    (so a reconstruction's errors show as they are, not stretched to its own range)."""
+    planes = []
+    for image in images:
+        x = image[0, :1].float()
+        planes.append(x[:, x.shape[1] // 2] if x.ndim == 4 else x)
+    lo, hi = planes[0].min(), planes[0].max()
+    scale = size / max(planes[0].shape[-2:])
+    shape = [max(round(s * scale), 1) for s in planes[0].shape[-2:]]
+    mode = "nearest" if scale >= 1 else "area"
+    tiles = [F.interpolate(p[None], size=shape, mode=mode)[0] for p in planes]
+    tiles = [((t - lo) / (hi - lo + 1e-8)).clamp(0, 1).expand(3, -1, -1) for t in tiles]
+    return make_grid(tiles, nrow=len(tiles), padding=2)
 
 
 class MAEDecoder(nn.Module):
@@ -220,8 +239,10 @@ class MaskedAutoencoder(L.LightningModule):
         warmup_epochs: linear learning-rate warm-up.
         weight_decay: AdamW weight decay (none on norms and biases).
         betas: AdamW betas (MAE: 0.9, 0.95).
-        val_mask_seed: validation masks are drawn from this seed plus the batch index, so the
-            validation loss is comparable across epochs.
+        mask_seed: masks are drawn from generators seeded by this and (epoch, batch, rank) in
+            training, (batch) in validation: training masks repeat exactly after a resume
+            whatever else consumed random numbers, and the validation loss is measured on the
+            same masks every epoch.
     """
 
     def __init__(self, backbone_config: dict, input_size: Sequence[int],
@@ -230,7 +251,7 @@ class MaskedAutoencoder(L.LightningModule):
                  decoder_mlp_dim: int = 384, decoder_num_layers: int = 1,
                  decoder_num_heads: int = 3, lr: float = 1.5e-4, min_lr: float = 1e-6,
                  warmup_epochs: int = 1, weight_decay: float = 0.05,
-                 betas: Sequence[float] = (0.9, 0.95), val_mask_seed: int = 0) -> None:
+                 betas: Sequence[float] = (0.9, 0.95), mask_seed: int = 0) -> None:
         super().__init__()
         if lr <= 0 or min_lr < 0:
             raise ValueError(f"need lr > 0 and min_lr >= 0, got lr={lr}, min_lr={min_lr}")
@@ -322,13 +343,28 @@ class MaskedAutoencoder(L.LightningModule):
         return warmup_cosine(self.global_step, total, hp.warmup_epochs * per_epoch, hp.lr,
                              hp.min_lr)
 
+    def _generator(self, *parts: int) -> torch.Generator:
+        """A CPU generator seeded by ``mask_seed`` and ``parts`` (masks are small: drawing
+        them on the CPU costs nothing and gives the same masks on every device)."""
+        seed = self.hparams.mask_seed
+        for part in parts:
+            seed = (seed * 1_000_003 + part + 1) % 2**62
+        return torch.Generator().manual_seed(seed)
+
+    @staticmethod
+    def _images(batch: dict) -> Tensor:
+        # Plain tensors: a MONAI MetaTensor would make the loss (and the checkpoint callback's
+        # scores) MetaTensors, which torch.load(weights_only=True) cannot read back.
+        return batch[IMAGE].as_subclass(Tensor)
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        x = batch[IMAGE]
+        x = self._images(batch)
         lr = self.current_lr()
         for group in self.optimizers().optimizer.param_groups:
             group["lr"] = lr
+        generator = self._generator(0, self.current_epoch, batch_idx, self.global_rank)
         mask = random_cuboid_mask(x.shape[0], self.grid, self.hparams.mask_percentage,
-                                  device=x.device)
+                                  generator=generator).to(x.device)
         loss, out = self.loss(x, mask)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"MAE loss is {loss.item()} at step {self.global_step}; "
@@ -341,8 +377,8 @@ class MaskedAutoencoder(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        x = batch[IMAGE]
-        generator = torch.Generator().manual_seed(self.hparams.val_mask_seed + batch_idx)
+        x = self._images(batch)
+        generator = self._generator(1, batch_idx)
         mask = random_cuboid_mask(x.shape[0], self.grid, self.hparams.mask_percentage,
                                   generator=generator).to(x.device)
         loss, out = self.loss(x, mask)
@@ -356,7 +392,7 @@ class MaskedAutoencoder(L.LightningModule):
         experiment = getattr(self.logger, "experiment", None)
         if self._preview is not None and hasattr(experiment, "add_image"):
             stage, images = self._preview
-            experiment.add_image(f"{stage}/reconstruction", crop_grid(images),
+            experiment.add_image(f"{stage}/reconstruction", preview_panel(images),
                                  self.current_epoch)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
