@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
-
 from medssl.data import dicom
-from medssl.data.io import VolumeError, load_volume, read_volume_info, save_nifti
-from medssl.data.table import PATH_COLUMNS
+from medssl.data.io import VolumeError, VolumeInfo, load_volume, save_nifti
+from medssl.data.table import PATH_COLUMNS, TASK_COLUMNS, check_volumes, read_cohort
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +41,10 @@ def convert_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _inspect_path(path: str, series: str | None) -> dict:
-    try:
-        info = read_volume_info(path, series)
-    except (VolumeError, dicom.DicomError) as exc:
-        problem = str(exc).replace("\n", " ")
+def _describe(info: VolumeInfo | Exception | None) -> dict:
+    if not isinstance(info, VolumeInfo):
         return {"readable": "no", "series": "", "shape": "", "spacing": "", "orientation": "",
-                "modality": "", "problem": problem}
+                "modality": ""}
     return {
         "readable": "yes",
         "series": str(info.n_series),
@@ -55,63 +52,113 @@ def _inspect_path(path: str, series: str | None) -> dict:
         "spacing": "x".join(f"{s:g}" for s in info.spacing),
         "orientation": info.axcodes,
         "modality": info.modality or "-",
-        "problem": "",
     }
 
 
-def inspect_csv(csv_path: str | Path) -> tuple[list[dict], int]:
-    """Header-level check of every path in a cohort CSV; returns table rows and problem count.
+@dataclass
+class Inspection:
+    """What ``medssl-inspect`` prints: one table row per volume (or per bad CSV row), the
+    number of table rows with a problem, and the split summary when splits were given."""
 
-    Only geometry and technical fields are read into the table: patient names, birth
-    dates and other identifying DICOM fields are never part of it.
+    rows: list[dict]
+    problems: int
+    splits: str | None = None
+
+
+def inspect_csv(csv_path: str | Path, task: str | None = None, targets: Sequence[str] = (),
+                splits: Mapping[str, Sequence[str]] | None = None,
+                workers: int = 8) -> Inspection:
+    """Check a cohort CSV with the rules training applies.
+
+    The CSV is read by ``read_cohort`` (columns, folds, paths, targets) and its volumes'
+    headers by ``check_volumes``, exactly as before training. Only geometry and technical
+    fields are read into the table: patient names, birth dates and other identifying
+    DICOM fields are never part of it.
+
+    Args:
+        csv_path: the cohort CSV.
+        task: the CSV format; None guesses it from the columns.
+        targets: target columns to check (classification).
+        splits: split name -> folds; also checks that no PatientID is in two splits.
+        workers: threads reading headers.
+
+    Raises:
+        CohortError: file-level problems (empty file, header only, missing columns) and,
+            with ``splits``, folds that cannot be split as asked.
     """
-    csv_path = Path(csv_path)
-    df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    cols = [c for c in PATH_COLUMNS if c in df.columns]
-    if not cols:
-        raise ValueError(f"{csv_path}: no path column (one of {list(PATH_COLUMNS)})")
-    table, problems = [], 0
-    seen: dict[tuple[str, str | None], dict] = {}
-    for i, row in enumerate(df.to_dict("records")):
+    cohort = read_cohort(csv_path, task, targets, strict=False)
+    report = check_volumes(cohort, workers=workers)
+    cols = [c for c in PATH_COLUMNS if c in TASK_COLUMNS[cohort.task]]
+    table = []
+    for record, problems in cohort.rejected:
+        table.append({"line": str(cohort.lines[record["row"]]), "PatientID": record["PatientID"],
+                      "column": "csv", **_describe(None), "path": "",
+                      "problem": "; ".join(problems)})
+    for r in cohort.records:
+        found = report.problems.get(r["row"], [])
+        # check_volumes prefixes a file's problems with its column; the rest (grid, slice)
+        # concern the row as a whole and are shown on its last column.
+        whole_row = [p for p in found if not p.startswith(tuple(f"{c}: " for c in cols))]
         for col in cols:
-            value = str(row[col]).strip()
-            p = Path(value) if Path(value).is_absolute() else csv_path.parent / value
-            series = str(row.get("series", "")).strip() or None
-            key = (str(p), series)
-            if key not in seen:
-                seen[key] = _inspect_path(str(p), series) if value else {
-                    "readable": "no", "problem": f"{col} is empty"}
-            entry = {"line": str(i + 2), "PatientID": str(row.get("PatientID", "")),
-                     "column": col, "path": value, **seen[key]}
-            problems += entry["readable"] != "yes"
-            table.append(entry)
-    return table, problems
+            info = report.infos[(r[col], str(r.get("series") or "").strip() or None)]
+            mine = [p.removeprefix(f"{col}: ") for p in found if p.startswith(f"{col}: ")]
+            if col == cols[-1]:
+                mine += whole_row
+            table.append({"line": str(cohort.lines[r["row"]]), "PatientID": r["PatientID"],
+                          "column": col, **_describe(info), "path": r[col],
+                          "problem": "; ".join(mine)})
+    for entry in table:
+        entry["problem"] = entry["problem"].replace("\n", " ")
+    table.sort(key=lambda e: int(e["line"]))
+    problems = sum(bool(e["problem"]) for e in table)
+    summary = cohort.split(splits, required=()).summary() if splits else None
+    return Inspection(table, problems, summary)
 
 
 def _format_table(rows: list[dict]) -> str:
     cols = ["line", "PatientID", "column", "readable", "series", "shape", "spacing",
             "orientation", "modality", "path", "problem"]
-    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols[:-1]}
+    widths = {c: max([len(c), *(len(str(r.get(c, ""))) for r in rows)]) for c in cols[:-1]}
     lines = ["  ".join(c.ljust(widths.get(c, 0)) for c in cols)]
     for r in rows:
         lines.append("  ".join(str(r.get(c, "")).ljust(widths.get(c, 0)) for c in cols).rstrip())
     return "\n".join(lines)
 
 
+def _split_arg(text: str) -> tuple[str, list[str]]:
+    name, sep, folds = text.partition("=")
+    if not sep or not name.strip() or not folds.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=FOLD[,FOLD...], got '{text}'")
+    return name.strip(), [f.strip() for f in folds.split(",")]
+
+
 def inspect_main(argv: list[str] | None = None) -> int:
-    """Check every volume of a cohort CSV from its headers; exit 1 when any row has a problem."""
+    """Check a cohort CSV and every volume's headers with the rules training applies.
+
+    Exit status: 0 clean, 1 when any row has a problem, 2 when the CSV itself cannot be
+    used (empty, header only, missing columns, folds that cannot be split as asked).
+    """
     parser = argparse.ArgumentParser(prog="medssl-inspect", description=inspect_main.__doc__)
-    parser.add_argument("csv", help="cohort CSV (path, img_path and/or seg_path columns)")
+    parser.add_argument("csv", help="cohort CSV")
+    parser.add_argument("--task", choices=sorted(TASK_COLUMNS),
+                        help="CSV format (default: guessed from the columns)")
+    parser.add_argument("--targets", nargs="*", default=[],
+                        help="target columns that must be complete (classification)")
+    parser.add_argument("--split", type=_split_arg, action="append", default=[],
+                        metavar="NAME=FOLDS", help="e.g. --split train=0,1,2 --split val=3: "
+                        "also check that no PatientID is in two splits")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        rows, problems = inspect_csv(args.csv)
+        result = inspect_csv(args.csv, args.task, args.targets, dict(args.split) or None)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(_format_table(rows))
-    print(f"\n{len(rows)} volume(s) checked, {problems} with problems")
-    return 1 if problems else 0
+    print(_format_table(result.rows))
+    print(f"\n{len(result.rows)} volume(s) checked, {result.problems} with problems")
+    if result.splits:
+        print(f"splits: {result.splits}")
+    return 1 if result.problems else 0
 
 
 if __name__ == "__main__":

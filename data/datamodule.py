@@ -7,8 +7,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import lightning as L
+import torch
 from monai.data import DataLoader, Dataset
 from monai.utils import look_up_option
+from torch.utils.data import RandomSampler
 
 from medssl.data.pipeline import CACHE_MODES, Preprocessing, make_datasets
 from medssl.data.table import Cohort
@@ -17,6 +19,21 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test", "predict")
 Folds = Sequence[int | str] | int | str | None
+
+
+class EpochRandomSampler(RandomSampler):
+    """A shuffle that is a function of (seed, epoch): Lightning calls ``set_epoch`` before
+    each epoch, so a resumed run draws the same order as an uninterrupted one, whenever the
+    loader's iterator is created. Under DDP Lightning swaps it for its DistributedSampler,
+    which is seeded by (seed, epoch) the same way."""
+
+    def __init__(self, data_source: Sequence, seed: int | None) -> None:
+        super().__init__(data_source, generator=torch.Generator())
+        self.seed = int(torch.randint(2**31, ())) if seed is None else seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(self.seed * 1_000_003 + epoch)
 
 
 class CohortDataModule(L.LightningDataModule):
@@ -99,7 +116,9 @@ class CohortDataModule(L.LightningDataModule):
         return self.datasets[name]
 
     def _loader(self, name: str, batch_size: int, train: bool = False) -> DataLoader:
-        return DataLoader(self._dataset(name), batch_size=batch_size, shuffle=train,
+        dataset = self._dataset(name)
+        return DataLoader(dataset, batch_size=batch_size,
+                          sampler=EpochRandomSampler(dataset, self.seed) if train else None,
                           drop_last=train, num_workers=self.n_workers,
                           persistent_workers=self.n_workers > 0)
 

@@ -66,26 +66,93 @@ def to_canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.
     return np.ascontiguousarray(out), new_affine, codes
 
 
+def canonical_layout(shape: Sequence[int],
+                     affine: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
+    """Shape and affine of a (X, Y, Z) grid once reoriented to the closest RAS orientation."""
+    ornt = nib.orientations.io_orientation(affine)
+    ras_shape = [0, 0, 0]
+    for axis, (target, _) in enumerate(ornt):
+        ras_shape[int(target)] = int(shape[axis])
+    ras_affine = affine @ nib.orientations.inv_ornt_aff(ornt, tuple(shape[:3]))
+    return tuple(ras_shape), ras_affine
+
+
+def native_view(ras_array: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """A view of a RAS-ordered array indexed like the stored grid that ``affine`` describes.
+
+    Writing the stored grid through this view fills ``ras_array`` in RAS order without
+    a reorienting copy (the inverse of ``to_canonical``).
+    """
+    ornt = nib.orientations.io_orientation(affine)
+    view = ras_array.transpose([int(t) for t in ornt[:, 0]])
+    for axis, flip in enumerate(ornt[:, 1]):
+        if flip < 0:
+            view = np.flip(view, axis)
+    return view
+
+
+def _nifti_shape(path: Path, shape: Sequence[int]) -> tuple[int, ...]:
+    """The 3D shape of a NIfTI image; a 2D image or several volumes in one file are errors."""
+    dims = list(shape)
+    while len(dims) > 3 and dims[-1] == 1:
+        dims.pop()
+    if len(dims) < 3:
+        raise VolumeError(f"{path}: {len(dims)}D image (shape {tuple(shape)}); medssl needs 3D "
+                          "volumes")
+    if len(dims) > 3:
+        n = int(np.prod(dims[3:]))
+        what = f"4D image with {n} volumes" if len(dims) == 4 else f"{len(dims)}D image"
+        raise VolumeError(f"{path}: {what} (shape {tuple(shape)}); medssl reads one 3D volume "
+                          "per file: split it into one file per volume and list each")
+    return tuple(int(d) for d in dims)
+
+
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     try:
         img = nib.load(str(path))
-        array = np.asarray(img.dataobj, dtype=np.float32)
     except Exception as exc:
         raise VolumeError(f"{path}: cannot read NIfTI ({type(exc).__name__}: {exc})") from exc
-    if array.ndim not in (3, 4):
-        raise VolumeError(f"{path}: expected a 3D or 4D image, got shape {array.shape}")
-    if array.ndim == 4 and array.shape[3] == 1:
-        array = array[..., 0]
+    shape = _nifti_shape(path, img.shape)
+    try:
+        array = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
+    except Exception as exc:
+        raise VolumeError(f"{path}: cannot read NIfTI ({type(exc).__name__}: {exc})") from exc
     return array, img.affine.astype(np.float64), {}
 
 
-def load_volume(path: str | Path, series: str | None = None) -> Volume:
+def check_content(path: str | Path, array: np.ndarray, value_range: tuple[float, float],
+                  allow_constant: bool = False) -> None:
+    """Refuse a volume with NaN/inf voxels or (unless allowed) one value everywhere.
+
+    Args:
+        path: the volume's file or folder, for the message.
+        array: the voxels (only scanned again to count bad voxels for the message).
+        value_range: the voxels' min and max (NaN when there are NaN voxels).
+        allow_constant: accept a constant volume (an empty label map is valid).
+    """
+    lo, hi = value_range
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        n = int(array.size - np.count_nonzero(np.isfinite(array)))
+        raise VolumeError(f"{path}: {n} non-finite voxel(s) (NaN or inf); training on them "
+                          "turns the loss into NaN. Fix or leave out this volume")
+    if lo == hi and not allow_constant:
+        raise VolumeError(f"{path}: constant volume (every voxel is {lo:g}); a blank image "
+                          "carries nothing to learn. Fix or leave out this volume")
+
+
+def load_volume(path: str | Path, series: str | None = None,
+                allow_constant: bool = False) -> Volume:
     """Read a DICOM folder, a DICOM file (single or multi-frame) or a NIfTI file.
+
+    DICOM files are each read once and decoded straight into the RAS-ordered output
+    (no float64 volume, no reorienting copy). Every volume is checked for NaN/inf
+    voxels and for being constant when it is first loaded, before any cache.
 
     Args:
         path: the folder or file.
         series: which series to read from a folder holding several (a label from the
             error message, or a SeriesInstanceUID).
+        allow_constant: accept a volume holding one value everywhere (label maps).
 
     Returns:
         the volume, channel first, reoriented to RAS.
@@ -94,20 +161,26 @@ def load_volume(path: str | Path, series: str | None = None) -> Volume:
     if not path.exists():
         raise VolumeError(f"{path}: no such file or folder")
     if is_nifti(path):
-        array, affine, meta = _read_nifti(path)
+        native, affine, meta = _read_nifti(path)
         meta["source"] = "nifti"
+        array, affine_ras, codes = to_canonical(native, affine)
+        value_range = (float(array.min()), float(array.max()))
     else:
-        array, affine, meta = dicom.read_series(path, series)
+        key, geometry, meta = dicom.open_series(path, series, pixels=True)
         meta["source"] = "dicom"
-    array, affine_ras, codes = to_canonical(array, affine)
-    array = array[None] if array.ndim == 3 else np.moveaxis(array, -1, 0)
+        affine = dicom.LPS_TO_RAS @ geometry.affine_lps
+        ras_shape, affine_ras = canonical_layout(geometry.shape, affine)
+        codes = "".join(nib.orientations.aff2axcodes(affine))
+        array = np.empty(ras_shape, dtype=np.float32)
+        value_range = dicom.decode_into(geometry, key.label(), native_view(array, affine))
+    check_content(path, array, value_range, allow_constant)
     meta.update(
         filename_or_obj=str(path),
         spacing=tuple(float(z) for z in np.sqrt((affine_ras[:3, :3] ** 2).sum(axis=0))),
         original_affine=affine,
         original_axcodes=codes,
     )
-    return Volume(np.ascontiguousarray(array, dtype=np.float32), affine_ras, meta)
+    return Volume(array[None], affine_ras, meta)
 
 
 @dataclass
@@ -136,14 +209,12 @@ def read_volume_info(path: str | Path, series: str | None = None) -> VolumeInfo:
             img = nib.load(str(path))
         except Exception as exc:
             raise VolumeError(f"{path}: cannot read NIfTI header ({exc})") from exc
-        affine, shape = img.affine, img.shape[:3]
+        affine, shape = img.affine, _nifti_shape(path, img.shape)
         modality, n_series = "", 1
     else:
-        groups = dicom.scan_path(path)
-        key, files = dicom.select_series(groups, path, series)
-        geometry = dicom.series_geometry(files, key.label())
+        _, geometry, meta = dicom.open_series(path, series)
         affine, shape = dicom.LPS_TO_RAS @ geometry.affine_lps, geometry.shape
-        modality, n_series = files[0].modality, len(groups)
+        modality, n_series = meta["modality"], meta["n_series"]
     ornt = nib.orientations.io_orientation(affine)
     perm = [int(i) for i in ornt[:, 0]]
     zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
@@ -189,9 +260,10 @@ class MedsslReader(ImageReader):
     keeps it that way.
     """
 
-    def __init__(self, series: str | None = None) -> None:
+    def __init__(self, series: str | None = None, allow_constant: bool = False) -> None:
         super().__init__()
         self.series = series
+        self.allow_constant = allow_constant
 
     def verify_suffix(self, filename: Sequence[str] | str) -> bool:
         names = [filename] if isinstance(filename, str | Path) else list(filename)
@@ -203,7 +275,7 @@ class MedsslReader(ImageReader):
             if len(data) != 1:
                 raise VolumeError("MedsslReader reads one volume per call")
             data = data[0]
-        return load_volume(data, self.series)
+        return load_volume(data, self.series, self.allow_constant)
 
     def get_data(self, img: Volume) -> tuple[np.ndarray, dict]:
         meta = dict(img.meta)
@@ -219,21 +291,27 @@ class LoadVolumed(MapTransform):
     """Load each key's path into a RAS ``MetaTensor`` of shape (C, X, Y, Z).
 
     A ``series`` entry in the dictionary picks the series of a multi-series folder, and
-    a ``row`` entry (the CSV location) is put in front of any error message.
+    a ``row`` entry (the CSV location) is put in front of any error message. Volumes
+    with NaN/inf voxels are refused, and so are constant ones except under
+    ``allow_constant_keys`` (an empty label map is a valid label).
     """
 
     def __init__(self, keys: KeysCollection, series_key: str = "series", row_key: str = "row",
-                 allow_missing_keys: bool = False) -> None:
+                 allow_missing_keys: bool = False,
+                 allow_constant_keys: KeysCollection = ("label",)) -> None:
         super().__init__(keys, allow_missing_keys)
         self.series_key = series_key
         self.row_key = row_key
+        self.allow_constant_keys = {allow_constant_keys} if isinstance(
+            allow_constant_keys, str) else set(allow_constant_keys)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         series = d.get(self.series_key)
         for key in self.key_iterator(d):
             try:
-                volume = load_volume(str(d[key]), None if _blank(series) else str(series))
+                volume = load_volume(str(d[key]), None if _blank(series) else str(series),
+                                     allow_constant=key in self.allow_constant_keys)
             except (VolumeError, dicom.DicomError) as exc:
                 where = d.get(self.row_key)
                 raise VolumeError(f"{where}: {key}: {exc}" if where else str(exc)) from exc

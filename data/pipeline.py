@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset
+from monai.data.utils import pickle_hashing
 from monai.transforms import Compose, EnsureTyped
 from monai.utils import look_up_option
 
@@ -195,7 +196,9 @@ def build_dataset(
             any random augmentation; MONAI caches the output of the transforms before the
             first random one.
         settings: the preprocessing settings; the disk cache lives in a sub-folder named by
-            their hash, so changed settings never serve stale volumes.
+            their hash, so changed settings never serve stale volumes; file names hash the
+            item and the deterministic transforms, so extra deterministic steps get their
+            own files.
         cache: ``none``, ``memory`` (CacheDataset) or ``disk`` (PersistentDataset).
         cache_dir: folder for ``disk``.
         reset_cache: delete this settings' disk cache before building.
@@ -216,8 +219,11 @@ def build_dataset(
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "settings.json").write_text(json.dumps(asdict(settings), indent=1))
+    # hash_transform: file names also hash the deterministic transforms, so a dataset with
+    # extra steps (e.g. a monitor's resize) never shares files with the plain pipeline.
     return _PersistentDataset(list(records), transform, cache_dir=folder, hash_func=_item_hash,
-                             track_meta=False, weights_only=True)
+                             hash_transform=pickle_hashing, track_meta=False,
+                             weights_only=True)
 
 
 def to_items(records: Sequence[dict], task: str) -> list[dict]:

@@ -1,25 +1,31 @@
 """One CSV reader for every task: column checks, fold selection, path checks, target encoding.
 
+Training (``medssl.data.pipeline``) and ``medssl-inspect`` both read cohorts through
+``read_cohort`` and check volumes through ``check_volumes``, so they apply the same rules.
+
 CSV formats (one row per volume, or per slice for ``mae2d``):
 
-===============  ===============================================  =================
-task             required columns                                 fold values
-===============  ===============================================  =================
-ssl, mae3d       PatientID, path, fold                            integers
-classification   PatientID, path, fold, <target columns>          integers
-segmentation     PatientID, img_path, seg_path, fold, max_val     train / val / test
-mae2d            PatientID, path, slice, fold, max_val            integers
-===============  ===============================================  =================
+===============  ===============================================
+task             required columns
+===============  ===============================================
+ssl, mae3d       PatientID, path, fold
+classification   PatientID, path, fold, <target columns>
+segmentation     PatientID, img_path, seg_path, fold, max_val
+mae2d            PatientID, path, slice, fold, max_val
+===============  ===============================================
 
-``path``/``img_path``/``seg_path`` are a DICOM folder, a DICOM file or a NIfTI file,
-absolute or relative to the CSV's folder. An optional ``series`` column picks one
-series from a folder holding several. Every problem of every row is reported at
-once, naming the file and line, before anything trains.
+Fold values are integers (``0``..``4`` for cross-validation) or the names ``train``,
+``val``, ``test`` (MedMNIST style), in any task. ``path``/``img_path``/``seg_path`` are a
+DICOM folder, a DICOM file or a NIfTI file, absolute or relative to the CSV's folder.
+An optional ``series`` column picks one series from a folder holding several. Every
+problem of every row is reported at once, naming the file and line, before anything
+trains.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import csv
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,9 +44,12 @@ TASK_COLUMNS: dict[str, tuple[str, ...]] = {
     "mae2d": ("PatientID", "path", "slice", "fold", "max_val"),
 }
 PATH_COLUMNS = ("path", "img_path", "seg_path")
-NAMED_FOLDS = {"segmentation": ("train", "val", "test")}
+NAMED_FOLDS = ("train", "val", "test")
 MISSING = {"", "nan", "na", "n/a", "null", "none"}
 MAX_REPORTED = 40
+
+Folds = Sequence[int | str] | int | str | None
+BadRows = list[tuple[dict, list[str]]]
 
 
 class CohortError(ValueError):
@@ -69,6 +78,42 @@ def category_order(values: Iterable[str]) -> list[str]:
         return values
 
 
+def _fold_order(fold: str) -> tuple:
+    return (0, int(fold), "") if fold.lstrip("-").isdigit() else (1, 0, fold)
+
+
+def _as_fold_list(folds: Folds) -> list[str]:
+    if folds is None:
+        return []
+    if isinstance(folds, int | str):
+        folds = [folds]
+    return [str(f).strip() for f in folds]
+
+
+@dataclass
+class Split:
+    """Rows per split, and the rows whose fold is in no split.
+
+    Attributes:
+        rows: split name -> its rows (only the splits that were given folds).
+        unassigned: rows of the cohort in no split (e.g. a held-out ``test`` fold).
+    """
+
+    rows: dict[str, list[dict]]
+    unassigned: list[dict]
+
+    def summary(self) -> str:
+        """One line for the log, e.g. "train 12 rows, val 4 rows; 8 rows in no split
+        (fold test: 8)"."""
+        text = ", ".join(f"{name} {len(rows)} rows" for name, rows in self.rows.items())
+        counts: dict[str, int] = {}
+        for r in self.unassigned:
+            counts[r["fold"]] = counts.get(r["fold"], 0) + 1
+        folds = ", ".join(f"fold {f}: {counts[f]}" for f in sorted(counts, key=_fold_order))
+        return text + (f"; {len(self.unassigned)} rows in no split ({folds})"
+                       if self.unassigned else "; every row is in a split")
+
+
 @dataclass
 class Cohort:
     """The validated rows of a cohort CSV.
@@ -76,74 +121,189 @@ class Cohort:
     Attributes:
         csv_path: the CSV file.
         task: one of ``TASK_COLUMNS``.
-        records: one dict per row with the CSV's columns (paths resolved to absolute,
-            ``slice`` as int, ``max_val`` as float, targets as category indices) and ``row``,
-            a "file line N (PatientID X)" string used in every later error message.
+        records: one dict per usable row with the CSV's columns (paths resolved to
+            absolute, ``fold`` normalised, ``slice`` as int, ``max_val`` as float, targets
+            as category indices) and ``row``, a "file line N (PatientID X)" string used in
+            every later error message.
         encodings: target column -> category list; index i encodes ``categories[i]``.
+        rejected: rows that failed the CSV checks with their problems (only filled by
+            ``read_cohort(..., strict=False)``; they are not in ``records``).
+        lines: ``row`` string -> line number in the CSV.
     """
 
     csv_path: Path
     task: str
     records: list[dict]
     encodings: dict[str, list[str]] = field(default_factory=dict)
+    rejected: BadRows = field(default_factory=list)
+    lines: dict[str, int] = field(default_factory=dict)
 
-    def select(self, folds: Sequence[int | str] | int | str | None) -> list[dict]:
-        """Rows whose fold is in ``folds`` (ints or strings); None or empty selects nothing."""
-        if folds is None:
-            return []
-        if isinstance(folds, int | str):
-            folds = [folds]
-        wanted = {str(f).strip() for f in folds}
-        present = sorted({r["fold"] for r in self.records}, key=lambda f: (len(f), f))
-        unknown = sorted(wanted - set(present))
+    def folds(self) -> list[str]:
+        """The fold values present, integers first in numeric order."""
+        return sorted({r["fold"] for r in self.records}, key=_fold_order)
+
+    def select(self, folds: Folds, key: str = "folds") -> list[dict]:
+        """Rows whose fold is in ``folds`` (ints or strings).
+
+        Args:
+            folds: the folds to select.
+            key: the config key the folds came from, to name it in errors.
+
+        Raises:
+            CohortError: when ``folds`` is None or empty, or names a fold the CSV lacks.
+        """
+        wanted = _as_fold_list(folds)
+        present = self.folds()
+        if not wanted:
+            raise CohortError(f"{self.csv_path}: {key} is empty; list the folds to use (the "
+                              f"CSV's fold column holds {present})")
+        wanted = [_normalise_fold(f) or f for f in wanted]
+        unknown = sorted(set(wanted) - set(present), key=_fold_order)
         if unknown:
-            raise CohortError(f"{self.csv_path}: fold(s) {unknown} requested, but the CSV's "
-                              f"fold column holds only {present}")
+            raise CohortError(f"{self.csv_path}: {key}: fold(s) {unknown} requested, but the "
+                              f"CSV's fold column holds only {present}")
         return [r for r in self.records if r["fold"] in wanted]
+
+    def split(self, splits: Mapping[str, Folds], required: Sequence[str] = ("train",)) -> Split:
+        """Rows per split, checked for leakage between splits.
+
+        Args:
+            splits: split name (``train``, ``val``, ``test``) -> folds; None or an empty
+                list leaves an optional split out. Errors name the key ``<split>_folds``.
+            required: splits that must be given folds.
+
+        Returns:
+            the rows of each split given folds and the rows in no split (log their count).
+
+        Raises:
+            CohortError: a required split without folds, a fold in two splits, or a
+                PatientID in two splits (leakage; all of them listed).
+        """
+        rows: dict[str, list[dict]] = {}
+        owner: dict[str, str] = {}
+        for name, folds in splits.items():
+            key = f"{name}_folds"
+            if not _as_fold_list(folds):
+                if name in required:
+                    self.select([], key)  # raises, naming the key
+                continue
+            rows[name] = self.select(folds, key)
+            for fold in {r["fold"] for r in rows[name]}:
+                if fold in owner:
+                    raise CohortError(f"{self.csv_path}: fold {fold} is in both "
+                                      f"{owner[fold]}_folds and {key}")
+                owner[fold] = name
+        seen: dict[str, dict[str, list[str]]] = {}
+        for name, split_rows in rows.items():
+            for r in split_rows:
+                seen.setdefault(r["PatientID"], {}).setdefault(name, []).append(
+                    str(self.lines.get(r["row"], "?")))
+        leaks = {pid: where for pid, where in seen.items() if len(where) > 1}
+        if leaks:
+            _fail(self.csv_path, [
+                f"PatientID {pid} is in {len(where)} splits (data leakage): "
+                + "; ".join(f"{name} line(s) {', '.join(lines)}" for name, lines in where.items())
+                for pid, where in leaks.items()
+            ])
+        chosen = {id(r) for split_rows in rows.values() for r in split_rows}
+        return Split(rows, [r for r in self.records if id(r) not in chosen])
+
+
+def _normalise_fold(value: str) -> str | None:
+    """Integer folds as canonical text ("01", "1.0" -> "1"), names as they are; None if bad."""
+    value = value.strip()
+    try:
+        return str(int(value))
+    except ValueError:
+        pass
+    try:
+        number = float(value)
+        if number.is_integer():
+            return str(int(number))
+    except ValueError:
+        pass
+    return value if value in NAMED_FOLDS else None
+
+
+def infer_task(columns: Iterable[str]) -> str:
+    """The task a CSV's columns fit best (for ``medssl-inspect`` without ``--task``)."""
+    cols = set(columns)
+    if {"img_path", "seg_path"} <= cols:
+        return "segmentation"
+    if {"path", "slice"} <= cols:
+        return "mae2d"
+    if "path" in cols:
+        return "ssl"
+    raise CohortError(f"cannot tell the task from the columns {sorted(cols)}; a cohort CSV "
+                      f"needs one of the column sets {sorted(set(TASK_COLUMNS.values()))}")
+
+
+def read_table(csv_path: str | Path) -> pd.DataFrame:
+    """The CSV as text cells with stripped column names; clear errors for an empty file."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise CohortError(f"{csv_path}: CSV file not found")
+    try:
+        text = csv_path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CohortError(f"{csv_path}: cannot read the file as UTF-8 text ({exc})") from exc
+    if not text.strip():
+        raise CohortError(f"{csv_path}: the file is empty (not even a header line)")
+    try:
+        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skipinitialspace=True,
+                         encoding="utf-8-sig")
+    except (pd.errors.ParserError, csv.Error, ValueError) as exc:
+        raise CohortError(f"{csv_path}: not a valid CSV ({exc})") from exc
+    df.columns = [str(c).strip() for c in df.columns]
+    return df
 
 
 def read_cohort(
     csv_path: str | Path,
-    task: str,
+    task: str | None,
     targets: Sequence[str] = (),
     encodings: dict[str, list[str]] | None = None,
+    strict: bool = True,
 ) -> Cohort:
     """Read and validate a cohort CSV for ``task``.
 
     Args:
         csv_path: the CSV file.
-        task: one of ``TASK_COLUMNS``.
+        task: one of ``TASK_COLUMNS``; None guesses it from the columns (``infer_task``).
         targets: target columns that must be present and complete (classification).
         encodings: category lists from an earlier run; a value outside them is an error.
             Without it, categories are the sorted distinct values of each target column.
+        strict: raise on any bad row (the default); False moves bad rows, with their
+            problems, to ``Cohort.rejected`` (for ``on_bad_sample: skip`` and inspection).
+
+    Raises:
+        CohortError: file-level problems (no file, empty file, header only, missing
+            columns) always; row problems when ``strict``.
     """
     csv_path = Path(csv_path).resolve()
-    if task not in TASK_COLUMNS:
+    if task is not None and task not in TASK_COLUMNS:
         raise ValueError(f"unknown task '{task}'; choose one of {sorted(TASK_COLUMNS)}")
-    if not csv_path.is_file():
-        raise CohortError(f"{csv_path}: CSV file not found")
-    try:
-        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except Exception as exc:
-        raise CohortError(f"{csv_path}: cannot parse CSV ({exc})") from exc
-    df.columns = [str(c).strip() for c in df.columns]
+    df = read_table(csv_path)
+    if task is None:
+        task = infer_task(df.columns)
     required = [*TASK_COLUMNS[task], *targets]
     absent = [c for c in required if c not in df.columns]
     if absent:
         raise CohortError(f"{csv_path}: missing column(s) {absent} for task '{task}'; the CSV "
                           f"has {list(df.columns)}, the task needs {required}")
     if df.empty:
-        raise CohortError(f"{csv_path}: no rows")
+        raise CohortError(f"{csv_path}: no rows (only a header line)")
 
-    problems: list[str] = []
-    records = []
+    problems: dict[int, list[str]] = {}
+    records, lines = [], {}
     for i, raw in enumerate(df.to_dict("records")):
         row = {k: str(v).strip() for k, v in raw.items()}
         where = f"{csv_path.name} line {i + 2} (PatientID {row['PatientID'] or '?'})"
         row["row"] = where
-        bad = _check_row(row, task, targets, csv_path.parent)
-        problems += [f"{where}: {p}" for p in bad]
+        lines[where] = i + 2
+        problems[i] = _check_row(row, task, targets, csv_path.parent)
         records.append(row)
+    _check_folds(records, problems)
 
     encodings = dict(encodings or {})
     for target in targets:
@@ -151,17 +311,37 @@ def read_cohort(
         categories = encodings.get(target) or category_order(values)
         encodings[target] = list(categories)
         index = {c: n for n, c in enumerate(categories)}
-        for r in records:
+        for i, r in enumerate(records):
             if is_missing(r[target]):
                 continue
             if r[target] not in index:
-                problems.append(f"{r['row']}: {target}='{r[target]}' is not one of the known "
-                                f"categories {categories}")
+                problems[i].append(f"{target}='{r[target]}' is not one of the known "
+                                   f"categories {categories}")
             else:
                 r[target] = index[r[target]]
-    if problems:
-        _fail(csv_path, problems)
-    return Cohort(csv_path, task, records, encodings)
+    bad = [(records[i], found) for i, found in problems.items() if found]
+    if bad and strict:
+        _fail(csv_path, [f"{r['row']}: {p}" for r, found in bad for p in found])
+    good = [r for i, r in enumerate(records) if not problems[i]]
+    return Cohort(csv_path, task, good, encodings, bad, lines)
+
+
+def _check_folds(records: list[dict], problems: dict[int, list[str]]) -> None:
+    """Normalise every fold; name a bad one by the kind of folds the other rows use."""
+    valid = [f for f in (_normalise_fold(r["fold"]) for r in records) if f is not None]
+    named = sum(f in NAMED_FOLDS for f in valid) > len(valid) / 2
+    for i, r in enumerate(records):
+        fold = _normalise_fold(r["fold"])
+        if fold is not None:
+            r["fold"] = fold
+        elif is_missing(r["fold"]):
+            problems[i].append("fold is empty")
+        elif named:
+            problems[i].append(f"fold '{r['fold']}' is not one of {list(NAMED_FOLDS)} "
+                               "(nor an integer)")
+        else:
+            problems[i].append(f"fold '{r['fold']}' is not an integer (nor one of "
+                               f"{list(NAMED_FOLDS)})")
 
 
 def _check_row(row: dict, task: str, targets: Sequence[str], base: Path) -> list[str]:
@@ -169,15 +349,6 @@ def _check_row(row: dict, task: str, targets: Sequence[str], base: Path) -> list
     bad = []
     if is_missing(row["PatientID"]):
         bad.append("empty PatientID")
-    fold = row["fold"]
-    named = NAMED_FOLDS.get(task)
-    if named and fold not in named:
-        bad.append(f"fold '{fold}' is not one of {list(named)}")
-    elif not named:
-        try:
-            row["fold"] = str(int(fold))
-        except ValueError:
-            bad.append(f"fold '{fold}' is not an integer")
     for col in PATH_COLUMNS:
         if col not in TASK_COLUMNS[task]:
             continue
@@ -211,18 +382,38 @@ def _check_row(row: dict, task: str, targets: Sequence[str], base: Path) -> list
     return bad
 
 
-def validate_volumes(cohort: Cohort, records: Sequence[dict] | None = None,
-                     workers: int = 8) -> None:
-    """Read every row's headers (no pixel decoding) and report all unusable rows at once.
+@dataclass
+class VolumeReport:
+    """Header check of a cohort's volumes.
 
-    Catches unreadable/damaged files, several series in one folder, non-uniform slice
-    spacing, gantry tilt, truncated uncompressed files, a segmentation whose grid differs
-    from its image, and ``slice`` indices outside the volume.
+    Attributes:
+        infos: (path, series) -> the volume's header information, or the error it raised.
+        problems: ``row`` string -> problems of that row (unreadable volume, segmentation
+            off the image grid, slice index outside the volume); rows without problems
+            are absent.
+    """
+
+    infos: dict[tuple[str, str | None], VolumeInfo | Exception]
+    problems: dict[str, list[str]]
+
+
+def _volume_key(record: Mapping, column: str) -> tuple[str, str | None]:
+    return record[column], (str(record.get("series") or "").strip() or None)
+
+
+def check_volumes(cohort: Cohort, records: Sequence[dict] | None = None,
+                  workers: int = 8) -> VolumeReport:
+    """Read every row's headers (no pixel decoding) and collect every row's problems.
+
+    Catches unreadable, damaged or truncated files, missing edge slices, several series
+    in one folder, non-uniform slice spacing, gantry tilt, 2D or multi-volume NIfTI, a
+    segmentation whose grid differs from its image, and ``slice`` indices outside the
+    volume. NaN/inf and constant voxels need the pixels: ``load_volume`` refuses those
+    when a volume is first loaded.
     """
     records = cohort.records if records is None else records
     cols = [c for c in PATH_COLUMNS if c in TASK_COLUMNS[cohort.task]]
-    volumes = sorted({(r[c], r.get("series") or None) for r in records for c in cols},
-                     key=str)
+    volumes = sorted({_volume_key(r, c) for r in records for c in cols}, key=str)
 
     def info(volume: tuple[str, str | None]) -> VolumeInfo | Exception:
         try:
@@ -232,20 +423,59 @@ def validate_volumes(cohort: Cohort, records: Sequence[dict] | None = None,
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         infos = dict(zip(volumes, pool.map(info, volumes), strict=True))
-    problems = []
+    problems: dict[str, list[str]] = {}
     for r in records:
-        got = {c: infos[(r[c], r.get("series") or None)] for c in cols}
-        problems += [f"{r['row']}: {c}: {v}" for c, v in got.items() if isinstance(v, Exception)]
+        got = {c: infos[_volume_key(r, c)] for c in cols}
+        found = [f"{c}: {v}" for c, v in got.items() if isinstance(v, Exception)]
         img, seg = got.get("img_path"), got.get("seg_path")
         if isinstance(img, VolumeInfo) and isinstance(seg, VolumeInfo) and (
             img.shape != seg.shape or not np.allclose(img.affine, seg.affine, atol=1e-2)
         ):
-            problems.append(f"{r['row']}: segmentation {r['seg_path']} (shape {seg.shape}, "
-                            f"{seg.axcodes}) is not on the grid of image {r['img_path']} "
-                            f"(shape {img.shape}, {img.axcodes})")
+            found.append(f"segmentation {r['seg_path']} (shape {seg.shape}, {seg.axcodes}) is "
+                         f"not on the grid of image {r['img_path']} (shape {img.shape}, "
+                         f"{img.axcodes})")
         vol = got.get("path")
         if "slice" in r and isinstance(vol, VolumeInfo) and r["slice"] >= vol.original_shape[2]:
-            problems.append(f"{r['row']}: slice {r['slice']} is outside {r['path']} "
-                            f"({vol.original_shape[2]} slices)")
+            found.append(f"slice {r['slice']} is outside {r['path']} "
+                         f"({vol.original_shape[2]} slices)")
+        if found:
+            problems[r["row"]] = found
+    return VolumeReport(infos, problems)
+
+
+def screen_volumes(cohort: Cohort, records: Sequence[dict] | None = None,
+                   workers: int = 8) -> tuple[list[dict], BadRows]:
+    """Header-check the rows and split them into usable rows and bad rows, without raising.
+
+    For ``on_bad_sample: skip``: train on the good rows, list the bad ones
+    (``write_bad_rows``) and log their count.
+
+    Returns:
+        the good rows (in order) and the bad rows with their problems.
+    """
+    records = cohort.records if records is None else records
+    problems = check_volumes(cohort, records, workers).problems
+    good = [r for r in records if r["row"] not in problems]
+    return good, [(r, problems[r["row"]]) for r in records if r["row"] in problems]
+
+
+def validate_volumes(cohort: Cohort, records: Sequence[dict] | None = None,
+                     workers: int = 8) -> None:
+    """``check_volumes`` that raises ``CohortError`` listing every bad row
+    (``on_bad_sample: error``)."""
+    problems = check_volumes(cohort, records, workers).problems
     if problems:
-        _fail(cohort.csv_path, problems)
+        _fail(cohort.csv_path, [f"{row}: {p}" for row, found in problems.items() for p in found])
+
+
+def write_bad_rows(path: str | Path, bad: BadRows) -> None:
+    """Write bad rows as a CSV (row, PatientID, problem; one line per problem)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["row", "PatientID", "problem"])
+        for record, problems in bad:
+            for problem in problems:
+                writer.writerow([record["row"], record.get("PatientID", ""),
+                                 problem.replace("\n", " ")])

@@ -147,6 +147,8 @@ class UNet3DDecoder(nn.Module):
         act: activation, as the encoder.
     """
 
+    head_name = "out_tr"
+
     def __init__(self, spatial_dims: int, num_classes: int, act: str = "relu") -> None:
         super().__init__()
         self.up_tr256 = UpTransition(spatial_dims, 512, 2, act)

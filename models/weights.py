@@ -10,7 +10,7 @@ import json
 import logging
 import pickle
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,8 @@ from torch import nn
 from medssl.models.backbones import build_backbone
 
 __all__ = [
-    "DEFAULT_PREFIXES", "LoadReport", "load_backbone", "load_weights", "read_state_dict",
+    "DECODER_PREFIXES", "DEFAULT_PREFIXES", "ENCODER_PREFIXES", "LoadReport", "load_backbone",
+    "load_encoder_weights", "load_segmenter_weights", "load_weights", "read_state_dict",
     "save_backbone",
 ]
 
@@ -183,6 +184,111 @@ def _unwrap_model(model: nn.Module) -> nn.Module:
         model = inner
 
 
+_Checkpoint = dict[str, tuple[str, torch.Tensor]]  # unwrapped name -> (file's name, tensor)
+
+
+def _read_source(
+    path_or_state_dict: str | Path | Mapping[str, torch.Tensor],
+) -> tuple[_Checkpoint, str]:
+    """Checkpoint tensors by unwrapped name, and a description of where they came from."""
+    if isinstance(path_or_state_dict, Mapping):
+        raw, source = dict(path_or_state_dict), "in-memory state dict"
+    else:
+        raw, kind = read_state_dict(path_or_state_dict)
+        source = f"{kind} file {str(path_or_state_dict)!r}"
+    ckpt: _Checkpoint = {}
+    for name, tensor in raw.items():
+        key = _unwrap_name(name)
+        if key in ckpt:
+            raise ValueError(f"checkpoint keys {ckpt[key][0]!r} and {name!r} both map to {key!r}.")
+        ckpt[key] = (name, tensor)
+    return ckpt, source
+
+
+def _skipper(skip: Sequence[str]) -> Callable[[str], bool]:
+    patterns = [re.compile(p) for p in skip]
+    return lambda key: any(p.search(key) for p in patterns)
+
+
+def _candidates(prefixes: Sequence[str] | None) -> list[str]:
+    if prefixes is None:
+        prefixes = DEFAULT_PREFIXES
+    if not prefixes:
+        raise ValueError("prefixes must name at least one candidate prefix ('' for none).")
+    return list(dict.fromkeys(_unwrap_name(p) for p in prefixes))
+
+
+def _under(ckpt: _Checkpoint, prefix: str) -> _Checkpoint:
+    return {k[len(prefix):]: v for k, v in ckpt.items() if k.startswith(prefix)}
+
+
+def _choose_prefix(ckpt: _Checkpoint, target: Mapping[str, torch.Tensor],
+                   candidates: Sequence[str], is_skipped: Callable[[str], bool]) -> str:
+    """The candidate under which most checkpoint keys match ``target`` by name and shape."""
+
+    def score(prefix: str) -> tuple[int, int]:
+        sub = {k: v for k, v in _under(ckpt, prefix).items()
+               if k in target and not is_skipped(k)}
+        return sum(v[1].shape == target[k].shape for k, v in sub.items()), len(sub)
+
+    return max(candidates, key=score)  # max keeps the first of equal scores
+
+
+def _stripped_prefix(sub: _Checkpoint, key: str | None, fallback: str) -> str:
+    """What was cut from the file's name of ``key`` (wrappers included)."""
+    if key is None:
+        return fallback
+    name = sub[key][0]
+    return name[: -len(key)] if name.endswith(key) else fallback
+
+
+def _plan(ckpt: _Checkpoint, target: Mapping[str, torch.Tensor], prefix: str, source: str,
+          is_skipped: Callable[[str], bool]) -> tuple[LoadReport, dict[str, torch.Tensor]]:
+    """Sort every key into loaded/missing/unexpected/mismatched/skipped; nothing is loaded."""
+    sub = _under(ckpt, prefix)
+    loaded, missing, unexpected, mismatched, skipped = [], [], [], [], []
+    for key, tensor in target.items():
+        if is_skipped(key):
+            skipped.append(key)
+        elif key not in sub:
+            missing.append(key)
+        elif sub[key][1].shape != tensor.shape:
+            mismatched.append((key, tuple(sub[key][1].shape), tuple(tensor.shape)))
+        else:
+            loaded.append(key)
+    for key in sub:
+        if key not in target:
+            (skipped if is_skipped(key) else unexpected).append(key)
+    report = LoadReport(
+        loaded, missing, unexpected, mismatched,
+        _stripped_prefix(sub, loaded[0] if loaded else None, prefix), source, skipped,
+        ignored=[name for key, (name, _) in ckpt.items() if not key.startswith(prefix)],
+    )
+    return report, {k: sub[k][1] for k in loaded}
+
+
+def _require_match(report: LoadReport, ckpt: _Checkpoint, target: Mapping[str, torch.Tensor],
+                   tried: Sequence[str]) -> None:
+    if not report.loaded:
+        raise ValueError(
+            f"no checkpoint key matched the model (by name and shape) from {report.source}, "
+            f"tried prefixes {list(tried)}. Checkpoint keys: "
+            f"{_fmt([name for name, _ in ckpt.values()])}; model keys: {_fmt(list(target))}."
+        )
+
+
+def _apply(model: nn.Module, target: Mapping[str, torch.Tensor], report: LoadReport,
+           tensors: Mapping[str, torch.Tensor]) -> None:
+    result = model.load_state_dict(dict(tensors), strict=False)
+    # Without state-dict metadata, torch fills an absent BatchNorm num_batches_tracked itself
+    # (pre-version-2 checkpoints) instead of listing it missing.
+    expected = {k for k in set(target) - set(tensors) if not k.endswith("num_batches_tracked")}
+    got = {k for k in result.missing_keys if not k.endswith("num_batches_tracked")}
+    if result.unexpected_keys or got != expected:
+        raise RuntimeError(f"load_state_dict disagreed with the key check: {result}")
+    log.info("%s", report)
+
+
 def load_weights(
     model: nn.Module,
     path_or_state_dict: str | Path | Mapping[str, torch.Tensor],
@@ -205,72 +311,141 @@ def load_weights(
         The report, also logged at info level.
 
     Raises:
-        ValueError: no key matched, names collide after unwrapping, or ``strict`` was violated.
+        ValueError: no key matched, names collide after unwrapping, or ``strict`` was violated;
+            then nothing is loaded.
     """
-    if isinstance(path_or_state_dict, Mapping):
-        raw, source = dict(path_or_state_dict), "in-memory state dict"
-    else:
-        raw, kind = read_state_dict(path_or_state_dict)
-        source = f"{kind} file {str(path_or_state_dict)!r}"
-    ckpt: dict[str, tuple[str, torch.Tensor]] = {}
-    for name, tensor in raw.items():
-        key = _unwrap_name(name)
-        if key in ckpt:
-            raise ValueError(f"checkpoint keys {ckpt[key][0]!r} and {name!r} both map to {key!r}.")
-        ckpt[key] = (name, tensor)
+    ckpt, source = _read_source(path_or_state_dict)
     model = _unwrap_model(model)
     target = model.state_dict()
-    skip_re = [re.compile(p) for p in skip]
-
-    def is_skipped(key: str) -> bool:
-        return any(p.search(key) for p in skip_re)
-
-    def mapped(prefix: str) -> dict[str, tuple[str, torch.Tensor]]:
-        return {k[len(prefix):]: v for k, v in ckpt.items() if k.startswith(prefix)}
-
-    def score(prefix: str) -> tuple[int, int]:
-        sub = {k: v for k, v in mapped(prefix).items() if k in target and not is_skipped(k)}
-        same = sum(v[1].shape == target[k].shape for k, v in sub.items())
-        return same, len(sub)
-
-    if prefixes is None:
-        prefixes = DEFAULT_PREFIXES
-    if not prefixes:
-        raise ValueError("prefixes must name at least one candidate prefix ('' for none).")
-    candidates = dict.fromkeys(_unwrap_name(p) for p in prefixes)
-    prefix = max(candidates, key=score)  # max keeps the first of equal scores
-    sub = mapped(prefix)
-    loaded, missing, unexpected, mismatched, skipped = [], [], [], [], []
-    for key, tensor in target.items():
-        if is_skipped(key):
-            skipped.append(key)
-        elif key not in sub:
-            missing.append(key)
-        elif sub[key][1].shape != tensor.shape:
-            mismatched.append((key, tuple(sub[key][1].shape), tuple(tensor.shape)))
-        else:
-            loaded.append(key)
-    for key in sub:
-        if key not in target:
-            (skipped if is_skipped(key) else unexpected).append(key)
-    first = sub[loaded[0]][0] if loaded else ""
-    stripped = first[: -len(loaded[0])] if loaded and first.endswith(loaded[0]) else prefix
-    report = LoadReport(
-        loaded, missing, unexpected, mismatched, stripped, source, skipped,
-        ignored=[name for key, (name, _) in ckpt.items() if not key.startswith(prefix)],
-    )
-    if not loaded:
-        raise ValueError(
-            f"no checkpoint key matched the model (by name and shape) from {source}, tried "
-            f"prefixes {list(candidates)}. Checkpoint keys: {_fmt(list(raw))}; "
-            f"model keys: {_fmt(list(target))}."
-        )
+    is_skipped = _skipper(skip)
+    candidates = _candidates(prefixes)
+    prefix = _choose_prefix(ckpt, target, candidates, is_skipped)
+    report, tensors = _plan(ckpt, target, prefix, source, is_skipped)
+    _require_match(report, ckpt, target, candidates)
     if strict and not report.complete:
         raise ValueError(f"strict loading failed: {report}")
-    result = model.load_state_dict({k: sub[k][1] for k in loaded}, strict=False)
-    if result.unexpected_keys or set(result.missing_keys) != set(target) - set(loaded):
-        raise RuntimeError(f"load_state_dict disagreed with the key check: {result}")
-    log.info("%s", report)
+    _apply(model, target, report, tensors)
+    return report
+
+
+def _with_part(part: str) -> tuple[str, ...]:
+    """``DEFAULT_PREFIXES``, then each followed by ``part`` (e.g. a segmentation checkpoint)."""
+    return tuple(dict.fromkeys([*DEFAULT_PREFIXES, *(p + part for p in DEFAULT_PREFIXES)]))
+
+
+ENCODER_PREFIXES = _with_part("encoder.")
+DECODER_PREFIXES = _with_part("decoder.")
+
+
+def load_encoder_weights(
+    segmenter: nn.Module,
+    path_or_state_dict: str | Path | Mapping[str, torch.Tensor],
+    strict: bool = True,
+) -> LoadReport:
+    """Load pre-trained backbone weights into ``segmenter.encoder``.
+
+    For DINO/MAE exports (``save_backbone`` files), our Lightning checkpoints (teacher first),
+    SuPreM files and segmentation checkpoints (``encoder.`` under any ``DEFAULT_PREFIXES``
+    entry): candidates are ``ENCODER_PREFIXES``. Checkpoint keys beyond the encoder (a decoder,
+    heads) are listed as unexpected or ignored, never an error.
+
+    Args:
+        segmenter: a model with an ``encoder`` (e.g. from ``build_segmenter``; wrappers unwrapped).
+        path_or_state_dict: a checkpoint file or a state dict.
+        strict: raise unless every encoder key is loaded (none missing or mismatched).
+
+    Returns:
+        The report; names are the encoder's own (without ``encoder.``).
+
+    Raises:
+        ValueError: no key matched, or ``strict`` was violated; then nothing is loaded.
+    """
+    encoder = _unwrap_model(segmenter).encoder
+    ckpt, source = _read_source(path_or_state_dict)
+    target = encoder.state_dict()
+    candidates = _candidates(ENCODER_PREFIXES)
+    never = _skipper(())
+    report, tensors = _plan(ckpt, target, _choose_prefix(ckpt, target, candidates, never),
+                            source, never)
+    _require_match(report, ckpt, target, candidates)
+    if strict and (report.missing or report.mismatched):
+        raise ValueError(f"not every encoder key could be loaded: {report}")
+    _apply(encoder, target, report, tensors)
+    return report
+
+
+def load_segmenter_weights(
+    segmenter: nn.Module,
+    path_or_state_dict: str | Path | Mapping[str, torch.Tensor],
+    strict: bool = False,
+    skip: Sequence[str] = (),
+) -> LoadReport:
+    """Load a full network (encoder and decoder) into a segmenter, each part by its own prefix.
+
+    The encoder part takes ``ENCODER_PREFIXES``, the decoder part ``DECODER_PREFIXES``, so one
+    call loads a full SuPreM UNet3D or SwinUNETR file (both parts under ``module.backbone.``), a
+    MONAI FlexibleUNet state dict (``encoder.`` and no prefix) or our segmentation checkpoints.
+    When the checkpoint's output layer (``segmenter.head_prefix``) has another shape (another
+    class count), it is left out and listed as skipped.
+
+    Args:
+        segmenter: a model with ``encoder``, ``decoder`` and ``head_prefix`` (``build_segmenter``).
+        path_or_state_dict: a checkpoint file or a state dict.
+        strict: raise unless every segmenter key is loaded or skipped and nothing is unexpected.
+        skip: regexes (``re.search``) of segmenter key names to leave out.
+
+    Returns:
+        The report, with the segmenter's key names; ``prefix`` names both parts' prefixes.
+
+    Raises:
+        ValueError: no key matched or ``strict`` was violated; then nothing is loaded.
+    """
+    model = _unwrap_model(segmenter)
+    ckpt, source = _read_source(path_or_state_dict)
+    target = model.state_dict()
+    is_skipped = _skipper(skip)
+    parts = []
+    for part, prefixes in (("encoder.", ENCODER_PREFIXES), ("decoder.", DECODER_PREFIXES)):
+        part_target = {k[len(part):]: v for k, v in target.items() if k.startswith(part)}
+        prefix = _choose_prefix(ckpt, part_target, _candidates(prefixes),
+                                lambda k, part=part: is_skipped(part + k))
+        parts.append((part, prefix, part_target))
+    # The checkpoint renamed to segmenter keys; the rest is unexpected (under a chosen prefix)
+    # or ignored (outside both).
+    merged: _Checkpoint = {}
+    unexpected, ignored, skipped, first = [], [], [], {}
+    for key, (name, tensor) in ckpt.items():
+        owners = [(part, key[len(prefix):]) for part, prefix, part_target in parts
+                  if key.startswith(prefix) and key[len(prefix):] in part_target]
+        if owners:
+            part, rest = owners[0]  # one prefix per part: distinct keys, distinct names
+            merged[part + rest] = (name, tensor)
+            first.setdefault(part, (name, rest))
+        elif any(key.startswith(prefix) for _, prefix, _ in parts):
+            rest = next(key[len(p):] for _, p, _ in parts if key.startswith(p))
+            (skipped if is_skipped(rest) else unexpected).append(rest)
+        else:
+            ignored.append(name)
+    head = getattr(model, "head_prefix", None)
+    head_differs = head is not None and any(
+        k.startswith(head) and merged[k][1].shape != target[k].shape for k in merged)
+    if head_differs:
+        log.info("output layer %s* left out: its shapes differ (another class count)", head)
+    report, tensors = _plan(
+        merged, target, "", source,
+        lambda k: is_skipped(k) or bool(head_differs and k.startswith(head)))
+    report.unexpected, report.ignored = unexpected, ignored
+    report.skipped += skipped
+
+    def cut(part: str, prefix: str) -> str:  # what was cut from the file's names of this part
+        name, rest = first.get(part, ("", ""))
+        return name[: -len(rest)] if rest and name.endswith(rest) else prefix
+
+    report.prefix = ", ".join(f"{part[:-1]} {cut(part, prefix)!r}" for part, prefix, _ in parts)
+    _require_match(report, ckpt, target, [p for _, p, _ in parts])
+    if strict and not report.complete:
+        raise ValueError(f"strict loading failed: {report}")
+    _apply(model, target, report, tensors)
     return report
 
 

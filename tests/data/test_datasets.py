@@ -14,10 +14,18 @@ import torch
 from medssl.data import io as medssl_io
 from medssl.data import pipeline as datamodule_pipeline
 from medssl.data.datamodule import CohortDataModule
-from medssl.data.demo import COHORTS, DemoPaths
+from medssl.data.demo import COHORTS, SEXES, DemoPaths
 from medssl.data.io import VolumeError
-from medssl.data.pipeline import Preprocessing, cache_key, make_datasets
+from medssl.data.pipeline import (
+    Preprocessing,
+    build_dataset,
+    cache_key,
+    make_datasets,
+    preprocessing_transforms,
+    to_items,
+)
 from medssl.data.table import CohortError, read_cohort
+from medssl.data.transforms import GridResized
 
 SMALL = Preprocessing(resize_to=(8, 16, 16))
 
@@ -176,6 +184,11 @@ def test_cache_modes_agree_and_disk_cache_is_keyed(demo: DemoPaths, tmp_path: Pa
     cached, _ = make_datasets(demo.ssl_csv, "ssl", {"train": 1}, SMALL, cache="disk",
                               cache_dir=tmp_path / "cache", validate=False)
     assert torch.equal(cached["train"][0]["image"], outputs["none"][0])
+    extra = build_dataset(to_items(read_cohort(demo.ssl_csv, "ssl").select(1), "ssl"),
+                          [*preprocessing_transforms(SMALL), GridResized("image", (4, 4, 4))],
+                          SMALL, cache="disk", cache_dir=tmp_path / "cache")
+    with pytest.raises(VolumeError, match="decoded again"):
+        extra[0]  # same settings, one more step: its own files, never the plain ones
     other = Preprocessing(resize_to=(8, 16, 16), upper_percentile=99.0)
     assert cache_key(other) != cache_key(SMALL)  # other settings never see these files
     fresh, _ = make_datasets(demo.ssl_csv, "ssl", {"train": 1}, SMALL, cache="disk",
@@ -223,7 +236,7 @@ def test_datamodule_validates_all_splits_once_before_training(
     calls = []
     data = CohortDataModule(root / "ssl.csv", "ssl", {"train": [0, 1], "val": [1, 2],
                                                       "test": 4}, SMALL)
-    with pytest.raises(CohortError, match=f"PatientID {victim.PatientID}.*no DICOM images"):
+    with pytest.raises(CohortError, match=f"PatientID {victim.PatientID}.*damaged slice"):
         data.setup()  # the test split's volume is checked before anything trains
     monkeypatch.setattr(datamodule_pipeline, "validate_volumes",
                         lambda cohort, records: calls.append(sorted(r["row"] for r in records)))
@@ -240,3 +253,19 @@ def test_datamodule_errors(demo: DemoPaths) -> None:
     with pytest.raises(ValueError, match=r"ssl.csv: \d training items but batch_size=50"):
         data.train_dataloader()
     assert data.val_dataloader() == []  # no val split: Lightning skips validation
+
+
+def test_disk_cache_serves_current_csv_fields(demo: DemoPaths, tmp_path: Path) -> None:
+    csv = _edit_csv(demo.classification_csv, demo.root / "relabel.csv")
+    first, _ = make_datasets(csv, "classification", {"train": 0}, SMALL, targets=["P02SEX"],
+                             cache="disk", cache_dir=tmp_path)
+    before = first["train"][0]
+    df = pd.read_csv(csv, dtype=str)
+    row = int(df.index[df.fold == "0"][0])
+    other = next(s for s in SEXES if s != df.P02SEX[row])
+    _edit_csv(csv, csv, rows={row: {"P02SEX": other}})
+    again, _ = make_datasets(csv, "classification", {"train": 0}, SMALL, targets=["P02SEX"],
+                             cache="disk", cache_dir=tmp_path)
+    after = again["train"][0]  # the volume from the cache, the target from the edited CSV
+    assert torch.equal(after["image"], before["image"])
+    assert after["P02SEX"] == SEXES.index(other) != before["P02SEX"]

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from medssl.data.geometry import resize_grid, resized_affine
+from medssl.data.io import VolumeError
 from medssl.data.pipeline import Preprocessing, make_datasets
 from medssl.data.transforms import ScaleToUnit
 
@@ -106,10 +107,8 @@ def test_coinciding_percentiles_fall_back_to_min_max(tmp_path: Path,
         out = ds[0]["image"][0].numpy()
     np.testing.assert_allclose(out, sparse / 254.0, atol=1e-6)
     assert "sparse.nii" in caplog.text and "coincide" in caplog.text and "min-max" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.WARNING):
-        assert float(ds[1]["image"].abs().max()) == 0.0
-    assert "flat.nii" in caplog.text and "constant intensity 7" in caplog.text
+    with pytest.raises(VolumeError, match=r"flat\.nii.*constant"):
+        ds[1]  # a constant volume is refused when first loaded (issue 12), naming the file
 
 
 def test_percentile_scaling_matches_numpy() -> None:

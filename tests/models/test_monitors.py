@@ -1,13 +1,27 @@
-"""Collapse and representation monitors: k-NN accuracy, entropy, embedding spread, crop grid."""
+"""Collapse and representation monitors: k-NN metrics, entropy, embedding spread, crop grid."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from medssl.models.monitors import crop_grid, embedding_std, knn_accuracy, softmax_entropy
+from medssl.models.monitors import (
+    balanced_accuracy,
+    crop_grid,
+    embedding_spread,
+    embedding_std,
+    entropy_fraction,
+    knn_accuracy,
+    knn_metrics,
+    knn_votes,
+    prototype_information,
+    roc_auc,
+    softmax_entropy,
+)
 
 
 def _clusters(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,6 +117,163 @@ def test_embedding_std_ignores_feature_scale() -> None:
     feats = torch.randn(256, 32, generator=torch.Generator().manual_seed(0))
     assert embedding_std(100.0 * feats).item() == pytest.approx(embedding_std(feats).item(),
                                                                 rel=1e-5)
+
+
+def _knn_reference(bank: np.ndarray, bank_labels: np.ndarray, query: np.ndarray, k: int,
+                   temperature: float, n_classes: int) -> np.ndarray:
+    """Brute-force weighted k-NN vote shares, one query at a time (DINO eval_knn.py)."""
+    bank = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+    out = np.zeros((len(query), n_classes))
+    for i, q in enumerate(query):
+        sims = bank @ (q / np.linalg.norm(q))
+        for j in np.argsort(-sims)[:k]:
+            out[i, bank_labels[j]] += np.exp(sims[j] / temperature)
+        out[i] /= out[i].sum()
+    return out
+
+
+def _noisy_task(n_bank: int, n_query: int, n_classes: int, seed: int):
+    """Overlapping class clusters in 16 dims, so k-NN is informative but imperfect."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n_classes, 16, generator=g)
+    yb = torch.randint(0, n_classes, (n_bank,), generator=g)
+    yq = torch.randint(0, n_classes, (n_query,), generator=g)
+    bank = centres[yb] + 4.0 * torch.randn(n_bank, 16, generator=g)
+    query = centres[yq] + 4.0 * torch.randn(n_query, 16, generator=g)
+    return bank, yb, query, yq
+
+
+@pytest.mark.parametrize(
+    ("n_classes", "k", "temperature"),
+    [pytest.param(2, 20, 0.07, id="binary-dino-defaults"),
+     pytest.param(4, 5, 0.5, id="four-classes"),
+     pytest.param(3, 500, 0.07, id="k-above-bank")],
+)
+def test_knn_votes_match_brute_force(n_classes: int, k: int, temperature: float) -> None:
+    bank, yb, query, _ = _noisy_task(200, 50, n_classes, seed=n_classes)
+    shares = knn_votes(bank, yb, query, n_classes, k=k, temperature=temperature)
+    ref = _knn_reference(bank.double().numpy(), yb.numpy(), query.double().numpy(), k,
+                         temperature, n_classes)
+    np.testing.assert_allclose(shares.numpy(), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_knn_auc_equals_sklearn_on_vote_shares(seed: int) -> None:
+    bank, yb, query, yq = _noisy_task(300, 120, 2, seed)
+    metrics = knn_metrics(bank, yb, query, yq)
+    shares = knn_votes(bank, yb, query, 2)[:, 1].numpy()
+    expected = roc_auc_score(yq.numpy(), shares)
+    assert 0.55 < expected < 0.99  # informative but imperfect: the test can fail
+    assert metrics["auc"].item() == pytest.approx(expected, abs=1e-6)
+    predictions = shares > 0.5
+    assert metrics["accuracy"].item() == pytest.approx((predictions == yq.numpy()).mean())
+    assert metrics["balanced_accuracy"].item() == pytest.approx(
+        balanced_accuracy_score(yq.numpy(), predictions), abs=1e-6)
+
+
+def test_knn_metrics_multiclass_reports_balanced_accuracy_without_auc() -> None:
+    bank, yb, query, yq = _noisy_task(300, 90, 3, seed=5)
+    metrics = knn_metrics(bank, yb, query, yq, k=10)
+    assert set(metrics) == {"accuracy", "balanced_accuracy"}
+    predictions = knn_votes(bank, yb, query, 3, k=10).argmax(1).numpy()
+    assert metrics["balanced_accuracy"].item() == pytest.approx(
+        balanced_accuracy_score(yq.numpy(), predictions), abs=1e-6)
+
+
+def test_knn_metrics_no_auc_when_query_has_one_class() -> None:
+    bank, bank_labels = _clusters(10, seed=0)
+    query = _clusters(4, seed=1)[0][:4]
+    assert "auc" not in knn_metrics(bank, bank_labels, query, torch.zeros(4), n_classes=2)
+
+
+@pytest.mark.parametrize(
+    ("scores", "labels"),
+    [
+        pytest.param([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1], id="sklearn-doc-example"),
+        pytest.param([0.5, 0.5, 0.5, 0.2, 0.9, 0.5], [1, 0, 1, 0, 1, 0], id="ties"),
+        pytest.param([3.0, 2.0, 1.0], [0, 1, 1], id="inverted"),
+    ],
+)
+def test_roc_auc_equals_sklearn(scores: list[float], labels: list[int]) -> None:
+    got = roc_auc(torch.tensor(scores), torch.tensor(labels)).item()
+    assert got == pytest.approx(roc_auc_score(labels, scores), abs=1e-7)
+
+
+def test_roc_auc_equals_sklearn_on_many_tied_scores() -> None:
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 2, (500,), generator=g)
+    scores = (labels + 2 * torch.randn(500, generator=g)).round()  # about 15 distinct values
+    assert roc_auc(scores, labels).item() == pytest.approx(
+        roc_auc_score(labels.numpy(), scores.numpy()), abs=1e-6)
+
+
+def test_roc_auc_single_class_is_nan() -> None:
+    assert math.isnan(roc_auc(torch.rand(5), torch.ones(5)).item())
+
+
+def test_balanced_accuracy_equals_sklearn() -> None:
+    g = torch.Generator().manual_seed(1)
+    labels = torch.tensor([0] * 40 + [1] * 8 + [2] * 3)
+    predictions = torch.where(torch.rand(51, generator=g) < 0.7, labels,
+                              torch.randint(0, 4, (51,), generator=g))  # includes a 4th class
+    with pytest.warns(UserWarning, match="classes not in y_true"):
+        expected = balanced_accuracy_score(labels.numpy(), predictions.numpy())
+    assert balanced_accuracy(predictions, labels).item() == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("n_classes", [2, 1024, 65536])
+def test_entropy_fraction_uniform_is_one_and_one_hot_is_zero(n_classes: int) -> None:
+    assert entropy_fraction(torch.zeros(4, n_classes)).item() == pytest.approx(1.0, abs=1e-5)
+    one_hot = torch.full((4, n_classes), -1e4)
+    one_hot[torch.arange(4), torch.tensor([0, 1, 1, n_classes - 1])] = 0.0
+    assert entropy_fraction(one_hot).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_entropy_fraction_of_two_equal_prototypes() -> None:
+    """Mass split evenly over 2 of 16 prototypes: ln 2 / ln 16 = 1/4."""
+    logits = torch.full((3, 16), -1e4)
+    logits[:, :2] = 0.0
+    assert entropy_fraction(logits).item() == pytest.approx(0.25, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("logits", "expected"),
+    [
+        pytest.param(torch.zeros(8, 32), 0.0, id="uniform-collapse"),
+        pytest.param(1e4 * torch.eye(32)[torch.full((8,), 5)], 0.0, id="one-hot-collapse"),
+        pytest.param(1e4 * torch.eye(8), 1.0, id="distinct-one-hots-N-equals-K"),
+        pytest.param(1e4 * torch.eye(32)[:8], 1.0, id="distinct-one-hots-N-below-K"),
+        pytest.param(1e4 * torch.eye(4)[torch.tensor([0, 0, 1, 1])], math.log(2) / math.log(4),
+                     id="two-groups"),
+    ],
+)
+def test_prototype_information(logits: torch.Tensor, expected: float) -> None:
+    assert prototype_information(logits).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_prototype_information_equals_entropy_of_mean_minus_mean_entropy() -> None:
+    logits = 3 * torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(0))
+    p = torch.softmax(logits.reshape(-1, 64).double(), -1).numpy()
+    mean = p.mean(0)
+    expected = (-(mean * np.log(mean)).sum() + (p * np.log(p)).sum(1).mean()) / math.log(32)
+    assert prototype_information(logits).item() == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("dim", [16, 192, 768])
+def test_embedding_spread_is_one_for_isotropic_features(dim: int) -> None:
+    feats = 3.0 * torch.randn(8192, dim, generator=torch.Generator().manual_seed(0))
+    assert embedding_spread(feats).item() == pytest.approx(1.0, rel=0.03)
+
+
+def test_embedding_spread_of_shared_direction_plus_small_variation() -> None:
+    """Features = common vector + noise 10x smaller: spread ~ 0.1 (norm ratio), not 1."""
+    g = torch.Generator().manual_seed(0)
+    dim = 256
+    common = torch.randn(dim, generator=g)
+    common = common / common.norm() * math.sqrt(dim)  # same norm as a noise row
+    feats = common + 0.1 * torch.randn(4096, dim, generator=g)
+    assert embedding_spread(feats).item() == pytest.approx(0.1, rel=0.05)
+    assert embedding_spread(feats[:1].expand(64, -1)).item() == pytest.approx(0.0, abs=1e-6)
 
 
 @pytest.mark.parametrize(
