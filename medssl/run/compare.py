@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 
 # (label, path in metrics.json) of the numbers worth comparing, where present.
-COLUMNS = (("AUC", ("mean", "auc")), ("bal. acc.", ("mean", "balanced_accuracy")),
-           ("acc.", ("mean", "accuracy")), ("Dice", ("dice",)), ("HD95", ("hd95",)))
+COLUMNS = (("AUC", ("mean", "auc")), ("BACC", ("mean", "bacc")), ("ACC", ("mean", "acc")),
+           ("Dice", ("dice",)), ("HD95", ("hd95",)))
 
 
 def _get(report: dict, path: tuple[str, ...]) -> object:
