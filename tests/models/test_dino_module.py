@@ -341,9 +341,9 @@ def test_lr_follows_the_linear_scaling_rule(tmp_path: Path, batch_size: int, acc
     """DINO: lr = 0.0005 x batch_size x GPUs / 256 (batch 64 -> 1.25e-4); accumulated
     micro-batches count towards the batch."""
     module, probe = _module(lr=5e-4, min_lr=0.0, batch_size=batch_size), _Groups()
-    trainer = _trainer(tmp_path, max_steps=1, accumulate_grad_batches=accumulate,
+    trainer = _trainer(tmp_path, max_steps=2, accumulate_grad_batches=accumulate,
                        callbacks=[probe])
-    trainer.fit(module, _loader(4, batch_size=2))
+    trainer.fit(module, _loader(8, batch_size=2))
     assert probe.steps[0][1]["decay"][1] == pytest.approx(expected)  # no warm-up: the peak
 
 
