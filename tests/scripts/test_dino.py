@@ -248,9 +248,13 @@ def test_augment_keys_reach_every_view(dino_cfg: DictConfig) -> None:
 
 
 def test_recipe_defaults_follow_dino() -> None:
-    """ViT: AdamW, no head batch norm, stochastic depth 0.1; convnets: DINO's README recipe."""
+    """ViT: AdamW, stochastic depth 0.1; convnets: DINO's README recipe.
+
+    Head batch norm stays on for the demo ViT: without it the demo collapses to uniform
+    outputs (teacher entropy fraction 1.0 by epoch 8), and no fix was found yet (issue 7).
+    """
     vit = compose("dino", ["csv_path=x"])
-    assert (vit.optimizer, vit.head_batch_norm, vit.drop_path_rate) == ("adamw", False, 0.1)
+    assert (vit.optimizer, vit.head_batch_norm, vit.drop_path_rate) == ("adamw", True, 0.1)
     assert (vit.monitor, vit.monitor_mode) == ("val/knn_auc", "max")
     for name in ("unet3d", "swin_unetr"):
         cfg = compose("dino", ["csv_path=x", f"backbone={name}"])
