@@ -66,7 +66,7 @@ def run_one(case: str, checkpoint: bool, batch: int, device: str) -> dict:
 
     name, overrides, shape, _ = CASES[case]
     torch.manual_seed(0)
-    net = build_backbone(**backbone_config(name, overrides), use_checkpoint=checkpoint)
+    net = build_backbone(**{**backbone_config(name, overrides), "use_checkpoint": checkpoint})
     net = net.to(device).train()
     x = torch.randn(batch, *shape, device=device)
     params = {p.untyped_storage().data_ptr() for p in net.parameters()}

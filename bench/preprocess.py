@@ -49,9 +49,9 @@ def generate(folder: Path, slices: int, size: int) -> tuple[Path, Path]:
     raw = rng.integers(0, 4096, (size, size, slices), dtype=np.uint16)
     series = folder / "dicom"
     write_dicom_series(series, raw, 1.0, 0.0, np.zeros(3), spec, "BENCH", rng)
-    volume, affine = load_volume(series)
+    volume = load_volume(series)
     nifti = folder / "image.nii.gz"
-    nib.save(nib.Nifti1Image(np.asarray(volume[0]).astype(np.int16), np.asarray(affine)), nifti)
+    nib.save(nib.Nifti1Image(volume.array[0].astype(np.int16), volume.affine), nifti)
     return series, nifti
 
 
@@ -76,10 +76,14 @@ def time_runs(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, l
     return times
 
 
-def row(label: str, times: list[float], base: list[float]) -> str:
-    return (f"| {label} | {statistics.median(times):.3f} | "
-            f"{statistics.median(times) / statistics.median(base):.2f}x | "
-            f"{min(times) / min(base):.2f}x |")
+def row(label: str, times: list[float], base: list[float], speedup: bool = False) -> str:
+    """Median seconds, then time/base ratios of medians and of fastest runs (base/time when
+    ``speedup``)."""
+    ratios = [statistics.median(times) / statistics.median(base), min(times) / min(base)]
+    if speedup:
+        ratios = [1 / r for r in ratios]
+    return (f"| {label} | {statistics.median(times):.4f} | {ratios[0]:.2f}x | "
+            f"{ratios[1]:.2f}x |")
 
 
 def part1(series: Path, nifti: Path, settings: Preprocessing, repeats: int) -> None:
@@ -136,15 +140,16 @@ def part2(series: Path, root: Path, settings: Preprocessing, n_volumes: int,
         disk_fill()
     fill = fill_times[1:]  # the first fill was the warm-up
     print(f"\nPart 2: one epoch of {n_volumes} volumes through build_dataset (median of "
-          f"{repeats}; ratios to cache=none, which decodes every DICOM file)\n")
-    print("| cache | median s per epoch | ratio of medians | ratio of fastest runs |")
+          f"{repeats}; speed-up over cache=none, which decodes every DICOM file)\n")
+    print("| cache | median s per epoch | speed-up (medians) | speed-up (fastest runs) |")
     print("|---|---|---|---|")
-    print(row("none (decode DICOM)", times["none"], times["none"]))
-    print(row("disk, first epoch (fills the cache)", fill, times["none"]))
-    print(row("disk, served from the cache", times["disk"], times["none"]))
-    print(row("memory, after filling", times["memory"], times["none"]))
+    for label, t in (("none (decode DICOM)", times["none"]),
+                     ("disk, first epoch (fills the cache)", fill),
+                     ("disk, served from the cache", times["disk"]),
+                     ("memory, after filling", times["memory"])):
+        print(row(label, t, times["none"], speedup=True))
     size = sum(f.stat().st_size for f in cache_dir.rglob("*.pt")) / n_volumes / 1e6
-    print(f"\nDisk cache: {size:.1f} MB per volume (float32 {list(settings.resize_to)}).")
+    print(f"\nDisk cache: {size:.2f} MB per volume (float32 {list(settings.resize_to)}).")
 
 
 def main(argv: list[str] | None = None) -> None:

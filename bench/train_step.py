@@ -240,8 +240,12 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="also the OAI reference sizes")
     parser.add_argument("--case", nargs="*", default=None, choices=sorted(CASES))
     parser.add_argument("--top", type=int, default=8, help="operators in the profile summary")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per case (default: torch's choice)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.one:
         print(json.dumps(run_case(args.one, args)))
         return
@@ -259,6 +263,7 @@ def main() -> None:
                "--steps", str(args.steps), "--top", str(args.top)]
         cmd += ["--precision", args.precision] if args.precision else []
         cmd += ["--batch", str(args.batch)] if args.batch else []
+        cmd += ["--threads", str(args.threads)] if args.threads else []
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             print(f"| {name} | failed: {out.stderr.strip().splitlines()[-1]} |", flush=True)
