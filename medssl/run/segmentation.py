@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 import math
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -105,8 +106,7 @@ class SegmentationData(CohortDataModule):
             return
         super().setup(stage)  # reads the CSV, checks files and grids of every selected row
         rows = {r["row"]: r for folds in self.splits.values() for r in self.cohort.select(folds)}
-        check_label_values(list(rows.values()), self.num_classes, self.cohort.csv_path,
-                           workers=max(self.n_workers, 1))
+        check_label_values(list(rows.values()), self.num_classes, self.cohort.csv_path)
         if self.label_fraction < 1 and "train" in self.datasets:
             train = self.datasets["train"]
             keep = labelled_subset([item["PatientID"] for item in train.data],
@@ -152,7 +152,11 @@ class SegmentationWriter(L.Callback):
         name = _file_name(patient, str(batch["row"][b]), patient in self._repeated)
         path = folder / f"{name}.nii.gz"
         on_file = invert_to_file_grid(label_map, geometry, mode="nearest")
-        save_on_file_grid(on_file, geometry, path, reference=source if is_nifti(source) else None)
+        # Written aside, then renamed: under DDP the sampler's padding can give one case to two
+        # ranks, which then write the same file; a rename never leaves a half-written one.
+        tmp = folder / f".{name}.{os.getpid()}.nii.gz"
+        save_on_file_grid(on_file, geometry, tmp, reference=source if is_nifti(source) else None)
+        os.replace(tmp, path)
         return path.name
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -175,7 +179,8 @@ class SegmentationWriter(L.Callback):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list[list[dict]] = [[] for _ in range(trainer.world_size)]
             torch.distributed.all_gather_object(gathered, rows)
-            rows = [r for part in gathered for r in part]
+            # The sampler pads ranks to equal length by repeating cases: keep each once.
+            rows = list({(r["row"], r["class"]): r for part in gathered for r in part}.values())
         if not trainer.is_global_zero or not self.save_test or not rows:
             return
         self.test_dir.mkdir(parents=True, exist_ok=True)
