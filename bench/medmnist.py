@@ -53,7 +53,7 @@ DINO = ["train_folds=[train]", "val_folds=[val]", "knn_target=label",
 CLS = ["cls_targets=[label]", "train_folds=[train]", "val_folds=[val]", "test_folds=[test]",
        "batch_size=32", "eval_batch_size=128"]
 SETTINGS = {
-    "full": {"dino": ["n_epochs=22"], "cls": ["n_epochs=30"], "seeds": [0, 1, 2]},
+    "full": {"dino": ["n_epochs=22"], "cls": ["n_epochs=20"], "seeds": [0, 1, 2]},
     "quick": {"dino": ["n_epochs=3"], "cls": ["n_epochs=3", "bootstrap_resamples=200"],
               "seeds": [0]},
 }
