@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -17,7 +19,7 @@ from medssl.models.segmenters import build_segmenter
 from medssl.models.weights import load_backbone, load_weights
 from medssl.run import run
 from medssl.run.mae import TASK
-from tests.conftest import compose
+from tests.conftest import REPO, compose
 
 TINY_VIT = ["backbone.hidden_size=32", "backbone.mlp_dim=64", "backbone.num_layers=1",
             "backbone.num_heads=2", "decoder_hidden_size=24", "decoder_mlp_dim=48",
@@ -245,3 +247,21 @@ def test_interrupted_run_resumes_exactly(demo, tmp_path: Path,
     expected = straight.lightning_module.encoder.state_dict()
     for name, value in resumed.lightning_module.encoder.state_dict().items():
         assert torch.equal(value, expected[name]), name
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes(demo, tmp_path: Path) -> None:
+    """Lightning DDP (gloo) from the command line: every parameter gets a gradient (DDP fails
+    on unused ones), one set of outputs."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "self_supervised" / "mae3d.py"), *TINY_3D, "devices=2",
+         "n_epochs=2", f"results_dir={tmp_path}", f"csv_path={demo.mae3d_csv}"],
+        capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = tmp_path / "mae3d_demo" / "checkpoints"
+    checkpoint = torch.load(folder / "last.ckpt", weights_only=True)
+    # 7 training volumes over 2 ranks: 4 each (padded by the sampler), batch 2 -> 2 steps.
+    assert checkpoint["global_step"] == 4 and checkpoint["epoch"] == 1
+    backbone, report = load_backbone(folder / "backbone.pt")
+    assert report.complete
+    assert len(list((tmp_path / "mae3d_demo" / "tensorboard").glob("events*"))) == 1
