@@ -12,8 +12,8 @@ from monai.data import DataLoader, Dataset
 from monai.utils import look_up_option
 from torch.utils.data import RandomSampler
 
-from medssl.data.pipeline import CACHE_MODES, Preprocessing, make_datasets
-from medssl.data.table import Cohort
+from medssl.data.pipeline import CACHE_MODES, Preprocessing, bad_sample_mode, make_datasets
+from medssl.data.table import BadRows, Cohort
 
 log = logging.getLogger(__name__)
 
@@ -40,30 +40,38 @@ class CohortDataModule(L.LightningDataModule):
     """Train/val/test/predict datasets from one cohort CSV.
 
     ``setup`` reads the CSV once and checks every selected row of every split (headers of
-    every volume) before anything trains; all problems are reported together.
+    every volume) before anything trains; all problems are reported together, or with
+    ``on_bad_sample="skip"`` the bad rows are left out and kept in ``bad_rows``.
 
     Args:
         csv_path: cohort CSV (formats in ``medssl.data.table``).
         task: CSV format (``ssl``, ``classification``, ``segmentation``, ``mae2d``, ...).
         splits: split name (``train``, ``val``, ``test``, ``predict``) -> folds to select;
-            None or empty leaves the split out.
+            None or empty leaves the split out, except ``train`` (an error naming
+            ``train_folds``). A fold or PatientID in two splits is an error (``predict`` may
+            share them).
         settings: deterministic preprocessing.
         augment: split name -> random transforms applied after preprocessing.
         batch_size: samples per device and training step.
         eval_batch_size: samples per device for val/test/predict (None: ``batch_size``).
         n_workers: data loader processes.
         targets: target columns to validate and encode.
-        cache, cache_dir, reset_cache: see ``medssl.data.pipeline.build_dataset``.
+        cache, cache_dir, reset_cache: see ``medssl.data.cache.build_dataset``.
         slices: split name -> stored voxel axis; that split's volume rows become one 2D
             item per slice (e.g. ``{"train": 2}`` for 2D training, whole volumes elsewhere).
         empty_per_foreground: for sliced splits with labels, keep all foreground slices and
             this many empty slices per foreground slice (None keeps all).
-        seed: seed of that slice selection.
+        seed: seed of that slice selection and of the training order (drawn from
+            (seed, epoch)); None draws both at random.
+        on_bad_sample: ``error`` stops on any bad row (listing all of them); ``skip`` leaves
+            out rows with CSV problems or unreadable volumes (header check) and logs their
+            count; the run writes them to ``bad_rows.csv``.
 
     Attributes:
         cohort: the validated CSV (``cohort.encodings`` maps targets to categories); set by
             ``setup``.
         datasets: split name -> dataset; set by ``setup``.
+        bad_rows: rows left out under ``skip``, with their problems (``write_bad_rows``).
     """
 
     def __init__(self, csv_path: str | Path, task: str, splits: Mapping[str, Folds],
@@ -72,7 +80,8 @@ class CohortDataModule(L.LightningDataModule):
                  targets: Sequence[str] = (), cache: str = "none",
                  cache_dir: str | Path | None = None, reset_cache: bool = False,
                  slices: Mapping[str, int] | None = None,
-                 empty_per_foreground: float | None = None, seed: int = 0) -> None:
+                 empty_per_foreground: float | None = None, seed: int | None = 0,
+                 on_bad_sample: str = "error") -> None:
         super().__init__()
         augment = dict(augment or {})
         for name in [*splits, *augment, *(slices or {})]:
@@ -83,8 +92,9 @@ class CohortDataModule(L.LightningDataModule):
         if n_workers < 0:
             raise ValueError(f"n_workers must be >= 0, got {n_workers}")
         look_up_option(cache, CACHE_MODES)
+        self.on_bad_sample = bad_sample_mode(on_bad_sample)
         self.csv_path, self.task, self.settings = csv_path, task, settings
-        self.splits = {k: v for k, v in splits.items() if v is not None and v != []}
+        self.splits = dict(splits)
         self.augment = augment
         self.batch_size, self.n_workers = batch_size, n_workers
         self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
@@ -103,9 +113,15 @@ class CohortDataModule(L.LightningDataModule):
             self.csv_path, self.task, self.splits, self.settings, targets=self.targets,
             augment=self.augment, cache=self.cache, cache_dir=self.cache_dir,
             reset_cache=self.reset_cache, slices=self.slices,
-            empty_per_foreground=self.empty_per_foreground, seed=self.seed)
+            empty_per_foreground=self.empty_per_foreground, seed=self.seed,
+            on_bad_sample=self.on_bad_sample)
         log.info("%s: %s", Path(self.csv_path).name,
                  ", ".join(f"{n} {len(d)} items" for n, d in self.datasets.items()))
+
+    @property
+    def bad_rows(self) -> BadRows:
+        """Rows left out as bad (``on_bad_sample="skip"``) with their problems."""
+        return [] if self.cohort is None else self.cohort.rejected
 
     def _dataset(self, name: str) -> Dataset:
         if self.cohort is None:

@@ -332,7 +332,7 @@ class Slice:
     """One stored plane of a volume, not reoriented.
 
     Attributes:
-        array: float32 (C, A, B): the stored axes other than ``axis``, in stored order.
+        array: float32 (1, A, B): the stored axes other than ``axis``, in stored order.
         file_affine: 4x4 voxel-to-RAS affine of the whole stored grid (NIfTI: the file's;
             DICOM: the loader's (columns, rows, slices) grid).
         file_shape: the stored grid's spatial shape.
@@ -369,7 +369,11 @@ def read_slice(path: str | Path, index: int, axis: int = 2, series: str | None =
     else:
         array, affine, shape, meta = _read_dicom_slice(path, index, axis, series)
     meta["filename_or_obj"] = str(path)
-    return Slice(np.ascontiguousarray(array, dtype=np.float32), affine, shape, axis, index, meta)
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    # blank planes are common (edge slices), non-finite voxels never are
+    check_content(f"{path} slice {index} along axis {axis}", array,
+                  (float(array.min()), float(array.max())), allow_constant=True)
+    return Slice(array, affine, shape, axis, index, meta)
 
 
 def _check_index(path: Path, index: int, axis: int, shape: Sequence[int]) -> None:
@@ -386,27 +390,23 @@ def _read_nifti_slice(path: Path, index: int, axis: int
         img = nib.load(str(path), mmap=False)
     except Exception as exc:
         raise VolumeError(f"{path}: cannot read NIfTI header ({exc})") from exc
-    if len(img.shape) not in (3, 4):
-        raise VolumeError(f"{path}: expected a 3D or 4D image, got shape {img.shape}")
-    shape = tuple(int(s) for s in img.shape[:3])
+    shape = _nifti_shape(path, img.shape)  # 3D, as load_volume requires
     _check_index(path, index, axis, shape)
-    where: list[slice | int] = [slice(None)] * len(img.shape)
+    where: list[slice | int] = [slice(None)] * 3 + [0] * (len(img.shape) - 3)
     where[axis] = index
     try:
         plane = np.asarray(img.dataobj[tuple(where)], dtype=np.float32)
     except Exception as exc:
         raise VolumeError(f"{path}: cannot read slice {index} along axis {axis} "
                           f"({type(exc).__name__}: {exc})") from exc
-    plane = plane[None] if plane.ndim == 2 else np.moveaxis(plane, -1, 0)
-    return plane, img.affine.astype(np.float64), shape
+    return plane[None], img.affine.astype(np.float64), shape
 
 
 @functools.lru_cache(maxsize=64)
 def _series_geometry(path: str, series: str | None, mtime_ns: int) -> tuple[object, dict]:
     """Header scan of one series, kept per (path, series, modification time)."""
-    key, files = dicom.select_series(dicom.scan_path(path), path, series)
-    geometry = dicom.series_geometry(files, key.label())
-    return geometry, {"source": "dicom", "series": key.label(), "modality": files[0].modality}
+    _, geometry, meta = dicom.open_series(path, series)
+    return geometry, {"source": "dicom", "series": meta["series"], "modality": meta["modality"]}
 
 
 def _read_dicom_slice(path: Path, index: int, axis: int, series: str | None
@@ -430,7 +430,7 @@ def _read_dicom_slice(path: Path, index: int, axis: int, series: str | None
         if pixels.shape != shape[1::-1]:
             raise dicom.DicomError(f"series {meta['series']}: {frame.path} decodes to "
                                    f"{pixels.shape}, header says {shape[1::-1]}")
-        # float64 like dicom.decode_series, so a slice equals the volume's plane exactly
+        # rescaled in float64 and rounded once, as dicom.decode_into does
         plane = (pixels.astype(np.float64) * frame.slope + frame.intercept).T
     return plane[None], affine, shape, dict(meta)
 

@@ -1,37 +1,36 @@
-"""Preprocessing pipelines on MONAI dictionary transforms, and datasets with selectable caching.
+"""Preprocessing pipelines on MONAI dictionary transforms, and the datasets of a cohort.
 
 Items are volumes, or 2D slices of volumes (``slice`` and ``slice_axis`` keys). ``slice``
 indexes a *stored* voxel axis: the NIfTI array's axis, or for DICOM the loader's
 (columns, rows, slices) grid; a CSV's ``slice`` column indexes stored axis 2
-(``CSV_SLICE_AXIS``, the axis ``validate_volumes`` checks it against).
+(``CSV_SLICE_AXIS``, the axis ``validate_volumes`` checks it against). Caching:
+``medssl.data.cache``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import CacheDataset, Dataset, PersistentDataset
-from monai.data.utils import pickle_hashing
-from monai.transforms import Compose, EnsureTyped
+from monai.data import Dataset
+from monai.transforms import EnsureTyped
 from monai.utils import look_up_option
 
+from medssl.data.cache import CACHE_MODES, IMAGE, LABEL, MemoryCache, build_dataset
+from medssl.data.cache import cache_key as cache_key  # re-exported: callers import it from here
 from medssl.data.dicom import DicomError
-from medssl.data.geometry import GEOMETRY
 from medssl.data.io import VolumeError, read_volume_info, slices_with_foreground
 from medssl.data.table import (
     TASK_COLUMNS,
+    BadRows,
     Cohort,
     CohortError,
+    check_volumes,
     is_missing,
     read_cohort,
     validate_volumes,
@@ -47,15 +46,9 @@ from medssl.data.transforms import (
 
 log = logging.getLogger(__name__)
 
-CACHE_MODES = ("none", "memory", "disk")
-IMAGE, LABEL = "image", "label"
+BAD_SAMPLE_MODES = ("error", "skip")
 HAS_FOREGROUND = "has_foreground"
 CSV_SLICE_AXIS = 2  # the stored axis a CSV's ``slice`` column indexes
-# Bump when the preprocessing output changes, to retire old disk caches.
-# 2: geometry, area resizing, min-max fallback, max_val scaling, slice items.
-CACHE_FORMAT = 2
-# What the disk cache serves; every other item field comes from the current CSV.
-CACHED_KEYS = (IMAGE, LABEL, GEOMETRY)
 
 
 @dataclass(frozen=True)
@@ -119,113 +112,6 @@ def preprocessing_transforms(settings: Preprocessing, label: bool = False) -> li
     return steps
 
 
-def _item_hash(item: Mapping) -> bytes:
-    """Cache key of one item: what its preprocessing reads (paths with modification times,
-    series, slice, max_val)."""
-    parts: dict[str, object] = {}
-    for key in (IMAGE, LABEL, "series", SLICE, SLICE_AXIS, "max_val"):
-        if key in item and item[key] is not None:
-            value = str(item[key])
-            mtime = os.stat(value).st_mtime_ns if key in (IMAGE, LABEL) and \
-                os.path.exists(value) else None
-            parts[key] = (value, mtime)
-    return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest().encode()
-
-
-def cache_key(settings: Preprocessing) -> str:
-    """Short hash of everything that determines a cached item."""
-    payload = {"settings": asdict(settings), "format": CACHE_FORMAT}
-    return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _data_error(exc: BaseException) -> BaseException | None:
-    """The VolumeError/DicomError inside MONAI's "applying transform" wrappers, if any."""
-    while exc is not None:
-        if isinstance(exc, VolumeError | DicomError):
-            return exc
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
-class _ClearErrors:
-    """Mixin: re-raise our data errors (naming CSV row and file) instead of MONAI's
-    generic "applying transform <object at 0x...>" wrapper, keeping the chain."""
-
-    def _transform(self, index: int) -> object:
-        try:
-            return super()._transform(index)  # type: ignore[misc]
-        except RuntimeError as exc:
-            cause = _data_error(exc)
-            if cause is None:
-                raise
-            raise type(cause)(str(cause)) from exc
-
-
-class _Dataset(_ClearErrors, Dataset):
-    pass
-
-
-class _CacheDataset(_ClearErrors, CacheDataset):
-    pass
-
-
-class _PersistentDataset(_ClearErrors, PersistentDataset):
-    def _cachecheck(self, item_transformed: Mapping) -> dict:
-        cached = super()._cachecheck(item_transformed)
-        # Files are keyed by what preprocessing reads, so CSV-only fields (targets, fold,
-        # row) of a cached copy may be stale: take those from the current item.
-        live = {k: v for k, v in item_transformed.items() if k not in CACHED_KEYS}
-        return {**cached, **live}
-
-
-def build_dataset(
-    records: Sequence[dict],
-    transforms: Sequence[Callable],
-    settings: Preprocessing,
-    cache: str = "none",
-    cache_dir: str | Path | None = None,
-    reset_cache: bool = False,
-    num_workers: int = 0,
-) -> Dataset:
-    """A MONAI dataset over ``records`` with the chosen caching.
-
-    Args:
-        records: items from ``to_items`` (or ``expand_slices``): ``image`` (and ``label``)
-            paths, ``row`` and any targets.
-        transforms: deterministic preprocessing first (``preprocessing_transforms``), then
-            any random augmentation; MONAI caches the output of the transforms before the
-            first random one.
-        settings: the preprocessing settings; the disk cache lives in a sub-folder named by
-            their hash, so changed settings never serve stale volumes; file names hash the
-            item and the deterministic transforms, so extra deterministic steps get their
-            own files.
-        cache: ``none``, ``memory`` (CacheDataset) or ``disk`` (PersistentDataset).
-        cache_dir: folder for ``disk``.
-        reset_cache: delete this settings' disk cache before building.
-        num_workers: threads used to fill the memory cache.
-    """
-    cache = look_up_option(cache, CACHE_MODES)
-    transform = Compose(list(transforms))
-    if cache == "none":
-        return _Dataset(list(records), transform)
-    if cache == "memory":
-        return _CacheDataset(list(records), transform, num_workers=max(num_workers, 1),
-                            progress=False)
-    if cache_dir is None:
-        raise ValueError("cache='disk' needs cache_dir")
-    folder = Path(cache_dir) / cache_key(settings)
-    if reset_cache and folder.exists():
-        log.info("Removing the disk cache %s", folder)
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "settings.json").write_text(json.dumps(asdict(settings), indent=1))
-    # hash_transform: file names also hash the deterministic transforms, so a dataset with
-    # extra steps (e.g. a monitor's resize) never shares files with the plain pipeline.
-    return _PersistentDataset(list(records), transform, cache_dir=folder, hash_func=_item_hash,
-                             hash_transform=pickle_hashing, track_meta=False,
-                             weights_only=True)
-
-
 def to_items(records: Sequence[dict], task: str) -> list[dict]:
     """Cohort rows -> dataset items with ``image`` (and ``label``) paths.
 
@@ -286,15 +172,15 @@ def expand_slices(items: Sequence[dict], slice_axis: int = CSV_SLICE_AXIS,
     return out
 
 
-def select_slices(items: Sequence[dict], empty_per_foreground: float, seed: int = 0
-                  ) -> list[dict]:
+def select_slices(items: Sequence[dict], empty_per_foreground: float,
+                  seed: int | None = 0) -> list[dict]:
     """Keep every slice with foreground and, drawn at random, ``empty_per_foreground``
     empty slices per foreground slice (all empty ones when there are fewer).
 
     Args:
         items: slice items marked by ``expand_slices(..., foreground=True)``.
         empty_per_foreground: e.g. 0.5 keeps half as many empty as foreground slices.
-        seed: the draw's seed (the same seed selects the same slices).
+        seed: the draw's seed (the same seed selects the same slices; None: random).
 
     Returns:
         the kept items in their original order.
@@ -325,6 +211,40 @@ def _check_dimensions(settings: Preprocessing, items: Mapping[str, Sequence[dict
                              f"{dims}D {'slices' if dims == 2 else 'volumes'}; give {dims} sizes")
 
 
+def bad_sample_mode(value: str) -> str:
+    """``value`` if it is one of ``BAD_SAMPLE_MODES``; a ValueError naming the key if not."""
+    if value not in BAD_SAMPLE_MODES:
+        raise ValueError(f"on_bad_sample must be one of {list(BAD_SAMPLE_MODES)}, got {value!r}")
+    return value
+
+
+def _leave_out(cohort: Cohort, selected: dict[str, list[dict]],
+               problems: Mapping[str, list[str]]) -> dict[str, list[dict]]:
+    """``on_bad_sample: skip``: move rows with header problems from the cohort's records to
+    ``cohort.rejected`` (beside the CSV rejects), log the count, and drop them from the
+    splits; a split left with no row is an error listing why."""
+    bad: BadRows = [(r, problems[r["row"]]) for r in cohort.records if r["row"] in problems]
+    n_csv = len(cohort.rejected)
+    cohort.records = [r for r in cohort.records if r["row"] not in problems]
+    cohort.rejected = sorted([*cohort.rejected, *bad],
+                             key=lambda b: cohort.lines.get(b[0]["row"], 0))
+    if cohort.rejected:
+        log.warning("%s: %d bad row(s) left out (on_bad_sample=skip): %d with CSV problems, "
+                    "%d with unreadable volumes; first: %s: %s", cohort.csv_path.name,
+                    len(cohort.rejected), n_csv, len(bad), cohort.rejected[0][0]["row"],
+                    cohort.rejected[0][1][0])
+    kept = {name: [r for r in rows if r["row"] not in problems] for name, rows in selected.items()}
+    for name, rows in kept.items():
+        if not rows:
+            folds = sorted({r["fold"] for r in selected[name]})
+            raise CohortError(
+                f"{cohort.csv_path}: {name}_folds: every row of fold(s) {folds} was left out "
+                "as bad (on_bad_sample=skip):\n  "
+                + "\n  ".join(f"{r['row']}: {p}" for r in selected[name][:10]
+                               for p in problems[r["row"]]))
+    return kept
+
+
 def make_datasets(
     csv_path: str | Path,
     task: str,
@@ -338,44 +258,58 @@ def make_datasets(
     validate: bool = True,
     slices: Mapping[str, int] | None = None,
     empty_per_foreground: float | None = None,
-    seed: int = 0,
+    seed: int | None = 0,
+    on_bad_sample: str = "error",
 ) -> tuple[dict[str, Dataset], Cohort]:
     """Read the CSV, check every selected row and build one dataset per split.
+
+    Rows are chosen by ``Cohort.split``: a fold or a PatientID in two splits is an error
+    (``predict`` may share them), ``train`` (when given) needs folds, and the rows in no
+    split are counted in the log.
 
     Args:
         csv_path: cohort CSV (formats in ``medssl.data.table``).
         task: the CSV format to expect.
-        splits: split name (e.g. ``train``) -> folds to select; None/empty skips the split.
+        splits: split name (e.g. ``train``) -> folds to select; None/empty skips the split
+            (except ``train``, which must have folds when it is named).
         settings: preprocessing settings.
         targets: target columns to check and encode.
         augment: split name -> random transforms appended after preprocessing.
-        cache, cache_dir, reset_cache: see ``build_dataset``.
+        cache, cache_dir, reset_cache: see ``build_dataset``; the memory cache is shared by
+            all splits.
         validate: read every selected volume's headers first and report all bad rows.
         slices: split name -> stored voxel axis; that split's volume rows become one item
             per slice (2D training on volumes). Other splits serve whole volumes.
         empty_per_foreground: for expanded splits with labels, keep all slices with
             foreground and this many empty slices per foreground slice (None keeps all).
         seed: seed of that selection.
+        on_bad_sample: ``error`` raises listing every bad row; ``skip`` leaves out rows
+            with CSV problems or (with ``validate``) unreadable volumes, moves them to
+            ``cohort.rejected`` with their problems and logs their count.
 
     Returns:
-        the datasets by split and the cohort (with its target encodings).
+        the datasets by split and the cohort (its usable rows, target encodings and, under
+        ``skip``, the rows left out).
     """
-    cohort = read_cohort(csv_path, task, targets)
-    selected = {name: cohort.select(folds) for name, folds in splits.items()
-                if folds is not None and folds != []}
-    empty = [name for name, rows in selected.items() if not rows]
-    if empty:
-        raise CohortError(f"{cohort.csv_path}: no rows selected for {empty}")
+    skip = bad_sample_mode(on_bad_sample) == "skip"
+    cohort = read_cohort(csv_path, task, targets, strict=not skip)
+    split = cohort.split(splits, required=[name for name in ("train",) if name in splits])
+    log.info("%s: %s", cohort.csv_path.name, split.summary())
+    selected = split.rows
     slices = dict(slices or {})
     unknown = sorted(set(slices) - set(selected))
     if unknown:
         raise ValueError(f"slices names split(s) {unknown} that are not selected "
                          f"({sorted(selected)})")
+    infos = None
     if validate:
         seen: dict[str, dict] = {}
         for rows in selected.values():
             seen.update({r["row"]: r for r in rows})
-        validate_volumes(cohort, list(seen.values()))
+        report = (check_volumes if skip else validate_volumes)(cohort, list(seen.values()))
+        infos = report.infos
+    if skip:
+        selected = _leave_out(cohort, selected, report.problems if validate else {})
     label = task == "segmentation"
     items = {name: to_items(rows, task) for name, rows in selected.items()}
     for name, axis in slices.items():
@@ -385,9 +319,13 @@ def make_datasets(
             items[name] = select_slices(items[name], empty_per_foreground, seed)
     _check_dimensions(settings, items)
     base = preprocessing_transforms(settings, label=label)
+    memory = None
+    if look_up_option(cache, CACHE_MODES) == "memory":
+        memory = MemoryCache(base, settings)
+        memory.add([item for rows in items.values() for item in rows], infos)
     datasets = {
         name: build_dataset(rows, [*base, *(augment or {}).get(name, ())], settings, cache,
-                            cache_dir, reset_cache and n == 0)
+                            cache_dir, reset_cache and n == 0, memory=memory)
         for n, (name, rows) in enumerate(items.items())
     }
     return datasets, cohort

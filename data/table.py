@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from medssl.data import dicom
-from medssl.data.io import VolumeError, VolumeInfo, read_volume_info
+from medssl.data.io import VolumeError, VolumeInfo, canonical_layout, read_volume_info
 
 TASK_COLUMNS: dict[str, tuple[str, ...]] = {
     "ssl": ("PatientID", "path", "fold"),
@@ -126,8 +126,9 @@ class Cohort:
             as category indices) and ``row``, a "file line N (PatientID X)" string used in
             every later error message.
         encodings: target column -> category list; index i encodes ``categories[i]``.
-        rejected: rows that failed the CSV checks with their problems (only filled by
-            ``read_cohort(..., strict=False)``; they are not in ``records``).
+        rejected: rows left out as bad, with their problems (not in ``records``): those
+            failing the CSV checks under ``read_cohort(..., strict=False)`` and, under
+            ``make_datasets(..., on_bad_sample="skip")``, those with unreadable volumes.
         lines: ``row`` string -> line number in the CSV.
     """
 
@@ -158,19 +159,30 @@ class Cohort:
             raise CohortError(f"{self.csv_path}: {key} is empty; list the folds to use (the "
                               f"CSV's fold column holds {present})")
         wanted = [_normalise_fold(f) or f for f in wanted]
-        unknown = sorted(set(wanted) - set(present), key=_fold_order)
+        dropped = [(r, found) for r, found in self.rejected if r["fold"] in wanted]
+        # A fold whose rows were all rejected (on_bad_sample: skip) is in the CSV.
+        unknown = sorted(set(wanted) - set(present) - {r["fold"] for r, _ in dropped},
+                         key=_fold_order)
         if unknown:
             raise CohortError(f"{self.csv_path}: {key}: fold(s) {unknown} requested, but the "
                               f"CSV's fold column holds only {present}")
-        return [r for r in self.records if r["fold"] in wanted]
+        rows = [r for r in self.records if r["fold"] in wanted]
+        if not rows:
+            _fail(self.csv_path, [f"{key}: every row of fold(s) {wanted} was left out as bad "
+                                  "(on_bad_sample=skip)",
+                                  *(f"{r['row']}: {p}" for r, found in dropped for p in found)])
+        return rows
 
-    def split(self, splits: Mapping[str, Folds], required: Sequence[str] = ("train",)) -> Split:
+    def split(self, splits: Mapping[str, Folds], required: Sequence[str] = ("train",),
+              shared: Sequence[str] = ("predict",)) -> Split:
         """Rows per split, checked for leakage between splits.
 
         Args:
             splits: split name (``train``, ``val``, ``test``) -> folds; None or an empty
                 list leaves an optional split out. Errors name the key ``<split>_folds``.
             required: splits that must be given folds.
+            shared: splits that may share folds and patients with the others (predictions
+                neither train nor evaluate).
 
         Returns:
             the rows of each split given folds and the rows in no split (log their count).
@@ -188,6 +200,8 @@ class Cohort:
                     self.select([], key)  # raises, naming the key
                 continue
             rows[name] = self.select(folds, key)
+            if name in shared:
+                continue
             for fold in {r["fold"] for r in rows[name]}:
                 if fold in owner:
                     raise CohortError(f"{self.csv_path}: fold {fold} is in both "
@@ -195,7 +209,7 @@ class Cohort:
                 owner[fold] = name
         seen: dict[str, dict[str, list[str]]] = {}
         for name, split_rows in rows.items():
-            for r in split_rows:
+            for r in split_rows if name not in shared else ():
                 seen.setdefault(r["PatientID"], {}).setdefault(name, []).append(
                     str(self.lines.get(r["row"], "?")))
         leaks = {pid: where for pid, where in seen.items() if len(where) > 1}
@@ -428,9 +442,7 @@ def check_volumes(cohort: Cohort, records: Sequence[dict] | None = None,
         got = {c: infos[_volume_key(r, c)] for c in cols}
         found = [f"{c}: {v}" for c, v in got.items() if isinstance(v, Exception)]
         img, seg = got.get("img_path"), got.get("seg_path")
-        if isinstance(img, VolumeInfo) and isinstance(seg, VolumeInfo) and (
-            img.shape != seg.shape or not np.allclose(img.affine, seg.affine, atol=1e-2)
-        ):
+        if isinstance(img, VolumeInfo) and isinstance(seg, VolumeInfo) and not _same_grid(img, seg):
             found.append(f"segmentation {r['seg_path']} (shape {seg.shape}, {seg.axcodes}) is "
                          f"not on the grid of image {r['img_path']} (shape {img.shape}, "
                          f"{img.axcodes})")
@@ -441,6 +453,17 @@ def check_volumes(cohort: Cohort, records: Sequence[dict] | None = None,
         if found:
             problems[r["row"]] = found
     return VolumeReport(infos, problems)
+
+
+def _same_grid(a: VolumeInfo, b: VolumeInfo, atol_mm: float = 1e-2) -> bool:
+    """Whether two volumes lie on one grid once both are in RAS order, as they are loaded.
+
+    Stored affines may differ for the same grid (an LAS label map of an LPS DICOM series),
+    so shapes and affines are compared after reorientation to the closest RAS layout.
+    """
+    shape_a, affine_a = canonical_layout(a.original_shape, a.affine)
+    shape_b, affine_b = canonical_layout(b.original_shape, b.affine)
+    return shape_a == shape_b and np.allclose(affine_a, affine_b, atol=atol_mm)
 
 
 def screen_volumes(cohort: Cohort, records: Sequence[dict] | None = None,
@@ -460,22 +483,34 @@ def screen_volumes(cohort: Cohort, records: Sequence[dict] | None = None,
 
 
 def validate_volumes(cohort: Cohort, records: Sequence[dict] | None = None,
-                     workers: int = 8) -> None:
+                     workers: int = 8) -> VolumeReport:
     """``check_volumes`` that raises ``CohortError`` listing every bad row
-    (``on_bad_sample: error``)."""
-    problems = check_volumes(cohort, records, workers).problems
-    if problems:
-        _fail(cohort.csv_path, [f"{row}: {p}" for row, found in problems.items() for p in found])
+    (``on_bad_sample: error``); returns the report (its ``infos``) when all rows are good."""
+    report = check_volumes(cohort, records, workers)
+    if report.problems:
+        _fail(cohort.csv_path, [f"{row}: {p}" for row, found in report.problems.items()
+                                for p in found])
+    return report
+
+
+def problem_file(record: Mapping, problem: str) -> str:
+    """The file a row's problem is about: the path column the problem starts with (header
+    problems are prefixed ``<column>: ``, CSV problems ``<column> ``), else every path of
+    the row joined by ``;`` (a grid mismatch concerns both, a bad fold the whole row)."""
+    first = problem.split(" ", 1)[0].rstrip(":")
+    if first in PATH_COLUMNS and first in record:
+        return str(record[first])
+    return ";".join(str(record[c]) for c in PATH_COLUMNS if c in record)
 
 
 def write_bad_rows(path: str | Path, bad: BadRows) -> None:
-    """Write bad rows as a CSV (row, PatientID, problem; one line per problem)."""
+    """Write bad rows as a CSV (row, file, problem, PatientID; one line per problem)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["row", "PatientID", "problem"])
+        writer.writerow(["row", "file", "problem", "PatientID"])
         for record, problems in bad:
             for problem in problems:
-                writer.writerow([record["row"], record.get("PatientID", ""),
-                                 problem.replace("\n", " ")])
+                writer.writerow([record["row"], problem_file(record, problem),
+                                 problem.replace("\n", " "), record.get("PatientID", "")])

@@ -99,18 +99,25 @@ class ScaleToUnit(Transform):
     same tissue has the same value in every volume and every slice). Otherwise the
     ``lower``/``upper`` percentiles map to 0/1, clipped. When they coincide (under
     ``100 - upper`` percent of voxels differ from the background, e.g. a small mask-like
-    volume), the volume's minimum and maximum are used instead, with a warning; a constant
-    volume becomes zeros. A volume is never left unscaled.
+    volume or an edge slice), the image's minimum and maximum are used instead, with a
+    warning; a constant image (a blank slice) becomes zeros. Nothing is left unscaled.
+    Each warning is given once per ``name`` (slices of one file share it).
     """
 
     def __init__(self, lower: float = 0.5, upper: float = 99.5) -> None:
         if not 0 <= lower < upper <= 100:
             raise ValueError(f"need 0 <= lower < upper <= 100, got {lower}, {upper}")
         self.lower, self.upper = lower, upper
+        self._warned: set[tuple[str, str]] = set()
+
+    def _warn_once(self, name: str, kind: str, message: str, *args: object) -> None:
+        if (name, kind) not in self._warned:
+            self._warned.add((name, kind))
+            log.warning("%s: " + message, name, *args)
 
     def __call__(self, img: torch.Tensor, max_val: float | None = None,
                  name: str = "") -> torch.Tensor:
-        """Scale ``img``; ``name`` (file or CSV row) is used in the warnings."""
+        """Scale ``img``; ``name`` (the file) is used in the warnings."""
         if max_val is not None:
             return (img / float(max_val)).clamp(0.0, 1.0)
         values = (img.as_tensor() if isinstance(img, MetaTensor) else img).detach().cpu()
@@ -118,10 +125,11 @@ class ScaleToUnit(Transform):
         if hi <= lo:
             lo, hi = float(values.min()), float(values.max())
             if hi <= lo:
-                log.warning("%s: constant intensity %g; scaled to zeros", name, lo)
+                self._warn_once(name, "constant", "constant intensity %g; scaled to zeros", lo)
                 return torch.zeros_like(img)
-            log.warning("%s: the %g and %g intensity percentiles coincide (%g); scaled by "
-                        "min-max [%g, %g] instead", name, self.lower, self.upper, lo, lo, hi)
+            self._warn_once(name, "min-max", "the %g and %g intensity percentiles coincide "
+                            "(%g); scaled by min-max [%g, %g] instead", self.lower, self.upper,
+                            lo, lo, hi)
         return ((img - lo) / (hi - lo)).clamp(0.0, 1.0)
 
 
@@ -133,7 +141,7 @@ class ScaleToUnitd(MapTransform):
         lower, upper: percentiles mapped to 0 and 1 when the item has no ``max_val``.
         max_val_key: the item's maximum intensity (the ``max_val`` CSV column); None
             always scales by percentiles.
-        row_key: the CSV location, named with the file in warnings.
+        row_key: the CSV location, named in warnings when the image has no file name.
     """
 
     def __init__(self, keys: KeysCollection, lower: float = 0.5, upper: float = 99.5,
@@ -157,7 +165,7 @@ class ScaleToUnitd(MapTransform):
                                   f"'{d[self.max_val_key]}' is not a positive number")
         for key in self.key_iterator(d):
             meta = getattr(d[key], "meta", {})
-            name = f"{d.get(self.row_key, '')}: {key} {meta.get('filename_or_obj', '')}"
+            name = str(meta.get("filename_or_obj") or d.get(self.row_key, ""))
             d[key] = self.scaler(d[key], max_val, name)
         return d
 

@@ -37,6 +37,7 @@ class RunConfig:
     cache: str = MISSING
     cache_dir: str = MISSING
     reset_cache: bool = MISSING
+    on_bad_sample: str = MISSING
     batch_size: int = MISSING
     n_workers: int = MISSING
     n_epochs: int = MISSING

@@ -23,15 +23,18 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from medssl.data.table import write_bad_rows
 from medssl.models.weights import LoadReport, load_weights
 from medssl.run.checkpoints import checkpoint_callbacks
 from medssl.run.config import WEIGHT_SOURCES, plain
+from medssl.run.guards import FiniteLossCheck
 from medssl.run.loggers import EpochProgressBar, build_loggers
 from medssl.run.seeding import EpochSeed
 from medssl.run.tasks import get_task
 
 log = logging.getLogger(__name__)
 PRETRAINED = ("dino_weights", "mae_weights", "suprem_weights", "baseline_weights")
+BAD_ROWS = "bad_rows.csv"
 MONITOR_MODES = ("min", "max")
 
 
@@ -70,6 +73,10 @@ class Task:
 
     def callbacks(self, cfg: DictConfig, data: L.LightningDataModule) -> list[L.Callback]:
         return []
+
+    def build_predict_data(self, cfg: DictConfig) -> L.LightningDataModule | None:
+        """Data for a predict stage after fit and test (e.g. a ``predict_csv``); None: none."""
+        return None
 
     def load_pretrained(self, module: L.LightningModule, source: WeightSource) -> LoadReport:
         """Start ``init_attr`` from the source; the report is logged by the caller."""
@@ -188,6 +195,20 @@ def save_config(cfg: DictConfig) -> None:
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
 
+@rank_zero_only
+def save_bad_rows(cfg: DictConfig, data: L.LightningDataModule) -> None:
+    """List the rows the data module left out (``on_bad_sample: skip``; its ``bad_rows``) in
+    ``bad_rows.csv``; a list from an earlier run of the experiment is removed when none are."""
+    path = run_dir(cfg) / BAD_ROWS
+    bad = getattr(data, "bad_rows", [])
+    if not bad:
+        path.unlink(missing_ok=True)
+        return
+    write_bad_rows(path, bad)
+    log.warning("%d bad row(s) left out of this run (on_bad_sample=skip) are listed with their "
+                "problems in %s", len(bad), path)
+
+
 def _on_gpu(accelerator: str) -> bool:
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
@@ -210,6 +231,7 @@ def build_trainer(cfg: DictConfig, task: Task, callbacks: list[L.Callback],
         callbacks.append(EpochProgressBar())
     if cfg.seed is not None:
         callbacks.append(EpochSeed(cfg.seed))
+    callbacks.append(FiniteLossCheck())
     loggers = build_loggers(cfg.results_dir, cfg.experiment, cfg.clearml,
                             cfg.clearml_project_name, OmegaConf.to_container(cfg, resolve=True),
                             purge_step=resume_step or None)
@@ -240,20 +262,27 @@ def run(cfg: DictConfig) -> L.Trainer:
         L.seed_everything(cfg.seed, workers=True)
     data = task.build_data(cfg)
     data.setup("fit")  # every CSV and volume problem surfaces here, before training
+    predict = task.build_predict_data(cfg)
+    if predict is not None:
+        predict.setup("predict")
     module = task.build_module(cfg, data)
     if source is not None and source.pretrained and resume is None:
         report = task.load_pretrained(module, source)
         (log.info if report.complete else log.warning)("%s: %s", source.key, report)
     with run_lock(run_dir(cfg)):
         save_config(cfg)
+        save_bad_rows(cfg, data)
         trainer = build_trainer(cfg, task, task.callbacks(cfg, data), resume_step)
         weights_only = not cfg.trust_checkpoint
         if source is None or source.key != "test_ckpt":
             trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=weights_only)
+        ckpt = source.path if source is not None and source.key == "test_ckpt" else "best"
+        if ckpt == "best" and not trainer.checkpoint_callback.best_model_path:
+            ckpt = None  # no validation: evaluate the weights as trained
         if task.has_test and cfg.get("test_folds"):
-            ckpt = source.path if source is not None and source.key == "test_ckpt" else "best"
-            if ckpt == "best" and not trainer.checkpoint_callback.best_model_path:
-                ckpt = None  # no validation: test the weights as trained
             trainer.test(module, datamodule=data, ckpt_path=ckpt, weights_only=weights_only)
+        if predict is not None:
+            trainer.predict(module, datamodule=predict, ckpt_path=ckpt,
+                            weights_only=weights_only, return_predictions=False)
     log.info("Results in %s", run_dir(cfg))
     return trainer

@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 TASKS: dict[str, str] = {
     "dino": "medssl.run.dino",
     "mae": "medssl.run.mae",
+    "classification": "medssl.run.classification",
+    "segmentation": "medssl.run.segmentation",
 }
 
 

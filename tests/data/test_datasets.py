@@ -13,13 +13,12 @@ import torch
 
 from medssl.data import io as medssl_io
 from medssl.data import pipeline as datamodule_pipeline
+from medssl.data.cache import build_dataset, cache_key
 from medssl.data.datamodule import CohortDataModule
 from medssl.data.demo import COHORTS, SEXES, DemoPaths
 from medssl.data.io import VolumeError
 from medssl.data.pipeline import (
     Preprocessing,
-    build_dataset,
-    cache_key,
     make_datasets,
     preprocessing_transforms,
     to_items,
@@ -234,13 +233,15 @@ def test_datamodule_validates_all_splits_once_before_training(
     (root / "dicom" / victim.PatientID).mkdir()
     (root / "dicom" / victim.PatientID / "x.dcm").write_bytes(b"not dicom")
     calls = []
-    data = CohortDataModule(root / "ssl.csv", "ssl", {"train": [0, 1], "val": [1, 2],
+    data = CohortDataModule(root / "ssl.csv", "ssl", {"train": [0, 1], "val": [2],
                                                       "test": 4}, SMALL)
     with pytest.raises(CohortError, match=f"PatientID {victim.PatientID}.*damaged slice"):
         data.setup()  # the test split's volume is checked before anything trains
-    monkeypatch.setattr(datamodule_pipeline, "validate_volumes",
-                        lambda cohort, records: calls.append(sorted(r["row"] for r in records)))
-    CohortDataModule(demo.ssl_csv, "ssl", {"train": [0, 1], "val": [1, 2]}, SMALL).setup()
+    validate = datamodule_pipeline.validate_volumes
+    monkeypatch.setattr(datamodule_pipeline, "validate_volumes", lambda cohort, records: (
+        calls.append(sorted(r["row"] for r in records)) or validate(cohort, records)))
+    CohortDataModule(demo.ssl_csv, "ssl", {"train": [0, 1], "val": [2],
+                                           "predict": [1, 2]}, SMALL).setup()
     union = sorted(r for r in df.index if df.fold[r] in (0, 1, 2))
     assert len(calls) == 1 and len(calls[0]) == len(union)
 
@@ -269,3 +270,149 @@ def test_disk_cache_serves_current_csv_fields(demo: DemoPaths, tmp_path: Path) -
     after = again["train"][0]  # the volume from the cache, the target from the edited CSV
     assert torch.equal(after["image"], before["image"])
     assert after["P02SEX"] == SEXES.index(other) != before["P02SEX"]
+
+
+# ----- splits (issue 12, item 9) ----------------------------------------------------------
+
+
+def test_patient_in_two_splits_is_an_error(demo: DemoPaths) -> None:
+    df = pd.read_csv(demo.ssl_csv, dtype=str)
+    leak = df.PatientID[df.fold == "0"].iloc[0]
+    row = int(df.index[df.fold == "3"][0])
+    csv = _edit_csv(demo.ssl_csv, demo.root / "leak.csv", rows={row: {"PatientID": leak}})
+    with pytest.raises(CohortError, match=f"PatientID {leak} is in 2 splits") as err:
+        make_datasets(csv, "ssl", {"train": [0, 1, 2], "val": [3]}, SMALL)
+    assert f"val line(s) {row + 2}" in str(err.value)
+    with pytest.raises(CohortError, match="PatientID.*is in 2 splits"):
+        CohortDataModule(csv, "ssl", {"train": [0, 1, 2], "val": [3]}, SMALL).setup()
+
+
+def test_rows_in_no_split_are_counted_in_the_log(demo: DemoPaths,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    df = pd.read_csv(demo.ssl_csv)
+    left = int(df.fold.isin([3, 4]).sum())
+    with caplog.at_level("INFO", logger="medssl.data.pipeline"):
+        make_datasets(demo.ssl_csv, "ssl", {"train": [0, 1], "val": [2]}, SMALL)
+    assert f"{left} rows in no split" in caplog.text
+    assert f"train {int(df.fold.isin([0, 1]).sum())} rows" in caplog.text
+
+
+def test_empty_train_folds_is_named(demo: DemoPaths) -> None:
+    data = CohortDataModule(demo.ssl_csv, "ssl", {"train": [], "val": [3]}, SMALL)
+    with pytest.raises(CohortError, match="train_folds is empty"):
+        data.setup()
+    with pytest.raises(CohortError, match="train_folds is empty"):
+        make_datasets(demo.ssl_csv, "ssl", {"train": None, "val": [3]}, SMALL)
+    only_test, _ = make_datasets(demo.ssl_csv, "ssl", {"test": [4]}, SMALL)  # no train asked
+    assert len(only_test["test"]) == int((pd.read_csv(demo.ssl_csv).fold == 4).sum())
+
+
+# ----- on_bad_sample (issue 12) -----------------------------------------------------------
+
+
+def _damaged_cohort(demo: DemoPaths, root: Path) -> tuple[Path, pd.DataFrame, dict[int, str]]:
+    """A copy of the demo with three bad rows: a missing path, a bad fold, a damaged slice.
+
+    Returns the CSV, its table and row index -> the text its problem must contain.
+    """
+    shutil.copytree(demo.root, root)
+    df = pd.read_csv(root / "ssl.csv", dtype=str)
+    train = df.index[df.fold.isin(["0", "1", "2"])].tolist()
+    df.loc[train[0], "path"] = "dicom/NOPE"
+    df.loc[train[1], "fold"] = "x"
+    victim = sorted((root / "dicom" / df.PatientID[train[2]]).iterdir())[0]
+    victim.write_bytes(b"")
+    df.to_csv(root / "ssl.csv", index=False)
+    return root / "ssl.csv", df, {train[0]: "NOPE does not exist", train[1]: "fold 'x'",
+                                  train[2]: str(victim)}
+
+
+def test_on_bad_sample_skip_leaves_bad_rows_out_and_lists_them(
+        demo: DemoPaths, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    csv, df, problems = _damaged_cohort(demo, tmp_path / "c")
+    splits = {"train": [0, 1, 2], "val": [3]}
+    with pytest.raises(CohortError, match="problem"):
+        CohortDataModule(csv, "ssl", splits, SMALL).setup()  # error: today's behaviour
+    with pytest.raises(CohortError, match="problem"):
+        CohortDataModule(csv, "ssl", splits, SMALL, on_bad_sample="error").setup()
+    data = CohortDataModule(csv, "ssl", splits, SMALL, on_bad_sample="skip")
+    with caplog.at_level("WARNING"):
+        data.setup()
+    good = [p for i, p in enumerate(df.PatientID) if df.fold[i] in ("0", "1", "2")
+            and i not in problems]
+    assert [item["PatientID"] for item in data.datasets["train"].data] == good
+    assert len(data.datasets["val"]) == int((df.fold == "3").sum())
+    assert [r["row"] for r, _ in data.bad_rows] == [
+        f"ssl.csv line {i + 2} (PatientID {df.PatientID[i]})" for i in sorted(problems)]
+    for (_, found), i in zip(data.bad_rows, sorted(problems), strict=True):
+        assert problems[i] in " ".join(found)
+    assert "3 bad row(s) left out" in caplog.text
+    assert {r["row"] for r in data.cohort.records}.isdisjoint(r["row"] for r, _ in data.bad_rows)
+    batch = next(iter(data.train_dataloader()))
+    assert set(batch["PatientID"]) <= set(good)
+    with pytest.raises(ValueError, match="on_bad_sample"):
+        CohortDataModule(csv, "ssl", splits, SMALL, on_bad_sample="ignore")
+
+
+def test_on_bad_sample_skip_with_every_train_row_bad(demo: DemoPaths) -> None:
+    df = pd.read_csv(demo.ssl_csv)
+    fold0 = df.index[df.fold == 0].tolist()
+    missing = _edit_csv(demo.ssl_csv, demo.root / "allbad.csv",
+                        rows={i: {"path": "dicom/NOPE"} for i in fold0})
+    with pytest.raises(CohortError, match=r"train_folds: every row .* left out as bad") as err:
+        make_datasets(missing, "ssl", {"train": [0], "val": [3]}, SMALL, on_bad_sample="skip")
+    assert f"line {fold0[0] + 2} (PatientID {df.PatientID[fold0[0]]}): path" in str(err.value)
+    (demo.root / "dicom" / "JUNK").mkdir(exist_ok=True)
+    (demo.root / "dicom" / "JUNK" / "x.dcm").write_bytes(b"not dicom")
+    unreadable = _edit_csv(demo.ssl_csv, demo.root / "junk.csv",
+                           rows={i: {"path": "dicom/JUNK"} for i in fold0})
+    with pytest.raises(CohortError, match=r"train_folds: every row .* left out as bad") as err:
+        make_datasets(unreadable, "ssl", {"train": [0], "val": [3]}, SMALL,
+                      on_bad_sample="skip")
+    assert f"line {fold0[-1] + 2} (PatientID {df.PatientID[fold0[-1]]}): path: " in \
+        str(err.value)
+
+
+# ----- grid check in RAS (issue 12) ---------------------------------------------------------
+
+
+def test_label_stored_in_another_orientation_is_on_the_image_grid(tmp_path: Path) -> None:
+    """An LAS image and its label stored RAS (the same voxels, flipped) describe one grid."""
+    rng = np.random.default_rng(0)
+    image = rng.random((8, 9, 10)).astype("f4") * 100
+    label = (image > 50).astype("u1")
+    las = np.diag([-2.0, 3.0, 4.0, 1.0])
+    las[:3, 3] = [20.0, -5.0, 7.0]
+    ras = las.copy()
+    ras[0] = [2.0, 0, 0, 20.0 - 2.0 * 7]  # x flipped: voxel 0 is the old voxel 7
+    nib.save(nib.Nifti1Image(image, las), tmp_path / "img.nii.gz")
+    nib.save(nib.Nifti1Image(label[::-1].copy(), ras), tmp_path / "seg.nii.gz")
+    shifted = ras.copy()
+    shifted[1, 3] += 3.0  # one voxel off along y
+    nib.save(nib.Nifti1Image(label[::-1].copy(), shifted), tmp_path / "off.nii.gz")
+    pd.DataFrame({"PatientID": ["P1", "P2"], "img_path": ["img.nii.gz"] * 2,
+                  "seg_path": ["seg.nii.gz", "off.nii.gz"], "fold": ["train", "val"],
+                  "max_val": [100, 100]}).to_csv(tmp_path / "seg.csv", index=False)
+    with pytest.raises(CohortError, match="1 problem") as err:
+        make_datasets(tmp_path / "seg.csv", "segmentation", {"train": "train", "val": "val"},
+                      Preprocessing())
+    assert "(PatientID P2): segmentation" in str(err.value) and "off.nii.gz" in str(err.value)
+    datasets, _ = make_datasets(tmp_path / "seg.csv", "segmentation", {"train": "train"},
+                                Preprocessing(normalize=False))
+    item = datasets["train"][0]  # loads: both in RAS, voxel for voxel
+    np.testing.assert_array_equal(item["label"][0].numpy(), label[::-1])
+    np.testing.assert_allclose(item["image"][0].numpy(), image[::-1], rtol=1e-6)
+
+
+def test_real_dicom_series_and_its_las_label_map(real_data: Path, tmp_path: Path) -> None:
+    """TotalSegmentator's LAS label map on the grid of its LPS DICOM series."""
+    folder = real_data / "totalsegmentator"
+    pd.DataFrame({"PatientID": ["TS1"], "img_path": [folder / "example_ct_dicom"],
+                  "seg_path": [folder / "example_seg_dicom.nii.gz"], "fold": ["train"],
+                  "max_val": [2000]}).to_csv(tmp_path / "ts.csv", index=False)
+    datasets, _ = make_datasets(tmp_path / "ts.csv", "segmentation", {"train": "train"},
+                                Preprocessing())
+    reference = nib.as_closest_canonical(nib.load(folder / "example_seg_dicom.nii.gz"))
+    item = datasets["train"][0]
+    assert item["image"].shape[1:] == item["label"].shape[1:] == reference.shape
+    np.testing.assert_array_equal(item["label"][0].numpy(), np.asarray(reference.dataobj))

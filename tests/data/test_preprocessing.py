@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from medssl.data.geometry import resize_grid, resized_affine
-from medssl.data.io import VolumeError
 from medssl.data.pipeline import Preprocessing, make_datasets
 from medssl.data.transforms import ScaleToUnit
 
@@ -100,15 +99,23 @@ def test_coinciding_percentiles_fall_back_to_min_max(tmp_path: Path,
                                                      caplog: pytest.LogCaptureFixture) -> None:
     sparse = np.zeros((10, 10, 10), np.float32)
     sparse[1, 2, 3], sparse[4, 5, 6] = 254.0, 127.0  # 0.2% foreground: both percentiles 0
-    flat = np.full((4, 4, 4), 7.0, np.float32)
-    csv = _cohort(tmp_path, {"sparse": sparse, "flat": flat})
+    csv = _cohort(tmp_path, {"sparse": sparse})
     ds = make_datasets(csv, "ssl", {"train": 0}, Preprocessing())[0]["train"]
     with caplog.at_level(logging.WARNING):
         out = ds[0]["image"][0].numpy()
     np.testing.assert_allclose(out, sparse / 254.0, atol=1e-6)
     assert "sparse.nii" in caplog.text and "coincide" in caplog.text and "min-max" in caplog.text
-    with pytest.raises(VolumeError, match=r"flat\.nii.*constant"):
-        ds[1]  # a constant volume is refused when first loaded (issue 12), naming the file
+
+
+def test_blank_images_become_zeros_with_one_warning_per_file(
+        caplog: pytest.LogCaptureFixture) -> None:
+    scale = ScaleToUnit()
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):  # e.g. three blank edge slices of one file
+            assert float(scale(torch.full((1, 4, 4), 7.0), name="a.nii").abs().max()) == 0.0
+        scale(torch.full((1, 4, 4), 7.0), name="b.nii")
+    assert caplog.text.count("constant intensity 7; scaled to zeros") == 2
+    assert "a.nii" in caplog.text and "b.nii" in caplog.text
 
 
 def test_percentile_scaling_matches_numpy() -> None:
