@@ -14,11 +14,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from medssl.data.datamodule import CohortDataModule
 from medssl.models.backbones import build_backbone
+from medssl.models.classifier import Classifier
 from medssl.models.mae import MaskedAutoencoder, random_cuboid_mask
 from medssl.models.segmenters import build_segmenter
 from medssl.models.weights import load_backbone, load_weights
 from medssl.run import run
+from medssl.run.harness import WeightSource
 from medssl.run.mae import TASK
+from medssl.run.tasks import get_task
 from tests.conftest import REPO, compose
 
 TINY_VIT = ["backbone.hidden_size=32", "backbone.mlp_dim=64", "backbone.num_layers=1",
@@ -126,6 +129,23 @@ def test_bad_masking_fails_before_reading_data(demo, tmp_path: Path, monkeypatch
 
 
 # ----- runs -----------------------------------------------------------------------------------
+def _loads_downstream(export: Path, module: MaskedAutoencoder) -> None:
+    """``mae_weights=export`` through the classification and segmentation tasks' own loaders
+    (backbone-config check, encoder-only strict load): every encoder key, equal values."""
+    config = torch.load(export, weights_only=True)["backbone_config"]
+    source = WeightSource("mae_weights", export)
+    classifier = Classifier(backbone_config=config, classes={"target": ["a", "b"]})
+    seg_cfg = _with_backbone(compose("segmentation", ["csv_path=x"]), config)
+    segmentation = get_task("segmentation").build_module(seg_cfg, None)
+    for task, encoder in (("classification", classifier.backbone),
+                          ("segmentation", segmentation.network.encoder)):
+        report = get_task(task).load_pretrained(
+            classifier if task == "classification" else segmentation, source)
+        assert report.complete and len(report.loaded) == len(encoder.state_dict()), task
+        for name, value in encoder.state_dict().items():
+            assert torch.equal(value, module.encoder.state_dict()[name]), (task, name)
+
+
 def test_vit_3d_run_exports_an_encoder_that_loads_downstream(demo, tmp_path: Path,
                                                              caplog) -> None:
     cfg = _cfg(demo, tmp_path, "mae3d", [*TINY_3D, "n_epochs=2", "experiment=vit"])
@@ -145,12 +165,7 @@ def test_vit_3d_run_exports_an_encoder_that_loads_downstream(demo, tmp_path: Pat
     for name, value in module.encoder.state_dict().items():
         assert torch.equal(backbone.state_dict()[name], value), name
     config = torch.load(export, weights_only=True)["backbone_config"]
-    # Classification's backbone and segmentation's UNETR encoder load every key.
-    classifier_backbone = build_backbone(**config)
-    assert load_weights(classifier_backbone, export).complete
-    segmenter = build_segmenter(config, num_classes=3)
-    report = load_weights(segmenter.encoder, export)
-    assert report.complete and len(report.loaded) == len(segmenter.encoder.state_dict())
+    _loads_downstream(export, module)
     # The Lightning checkpoint serves as well (the encoder sits under "encoder.").
     report = load_weights(build_backbone(**config), out / "checkpoints" / "last.ckpt")
     assert report.complete and report.prefix == "encoder."
@@ -182,11 +197,7 @@ def test_unet3d_inpainting_run(demo, tmp_path: Path) -> None:
     export = Path(cfg.results_dir) / "unet" / "backbone.pt"
     config = torch.load(export, weights_only=True)["backbone_config"]
     assert config["name"] == "unet3d" and "img_size" not in config
-    segmenter = build_segmenter(config, num_classes=5)
-    report = load_weights(segmenter.encoder, export)
-    assert report.complete and len(report.loaded) == len(segmenter.encoder.state_dict())
-    for name, value in segmenter.encoder.state_dict().items():
-        assert torch.equal(value, module.encoder.state_dict()[name]), name
+    _loads_downstream(export, module)
 
 
 @pytest.mark.parametrize(("script", "overrides", "backbone", "steps"), [
