@@ -276,7 +276,7 @@ class MaskedAutoencoder(L.LightningModule):
         else:
             self.segmenter = build_segmenter(backbone_config, num_classes=channels)
             self.encoder = self.segmenter.encoder
-            self.encoder.check_input_size(self.input_size, "input_size")
+            self.segmenter.check_input_size(self.input_size, "input_size")
         self._preview: tuple[str, list[Tensor]] | None = None
 
     @property

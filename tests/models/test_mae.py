@@ -135,6 +135,34 @@ def test_vit_encodes_only_the_visible_fraction(cuboid_size: tuple) -> None:
     assert torch.equal(hidden.view(2, 4, 4, 4), expand_mask(mask, factor))
 
 
+@pytest.mark.parametrize("backbone", [
+    pytest.param({"name": "swin_unetr", "spatial_dims": 2, "in_channels": 1, "feature_size": 12},
+                 id="swin_unetr"),
+    pytest.param({"name": "efficientnet", "spatial_dims": 2, "in_channels": 1,
+                  "model_name": "efficientnet-b0"}, id="efficientnet"),
+    pytest.param({"name": "unet3d", "spatial_dims": 2, "in_channels": 1}, id="unet"),
+])
+def test_every_cnn_family_inpaints_2d_slices(backbone: dict) -> None:
+    """Each segmentation family reconstructs the whole input; gradients reach its encoder."""
+    size = (32, 64)  # Swin's instance norm needs more than one value at 1/32 of the input
+    module = _module(backbone, (8, 8), 0.5, size)
+    seen = {}
+    module.segmenter.register_forward_hook(lambda m, args, out: seen.update(out=out))
+    loss, (pred, _, hidden, _) = module.loss(_volumes(2, size), random_cuboid_mask(
+        2, module.grid, 0.5, generator=torch.Generator().manual_seed(0)))
+    loss.backward()
+    assert seen["out"].shape == (2, 1, *size) and pred.shape == (2, 4 * 8, 64)
+    assert torch.isfinite(loss) and hidden.sum() == 2 * 16
+    assert all(p.grad is not None for p in module.encoder.parameters() if p.requires_grad)
+
+
+def test_cnn_input_size_checked_against_the_segmenter() -> None:
+    swin = {"name": "swin_unetr", "spatial_dims": 2, "in_channels": 1, "feature_size": 12}
+    with pytest.raises(ValueError, match=r"input_size \[32, 32\] is too small for the "
+                       "swin_unetr segmenter"):
+        _module(swin, (8, 8), 0.5, (32, 32))
+
+
 # ----- loss -----------------------------------------------------------------------------
 def _reference_forward_loss(target: Tensor, pred: Tensor, mask: Tensor,
                             norm_pix_loss: bool) -> Tensor:
