@@ -42,12 +42,6 @@ UNET3D_3D = ["resize_to=[8,16,16]", "mae_cfg.cuboid_size=[4,4,4]",
              "mae_cfg.mask_percentage=0.5", "batch_size=2", *COMMON]
 UNET_2D = ["resize_to=[32,32]", "mae_cfg.cuboid_size=[8,8]", "mae_cfg.mask_percentage=0.5",
            "batch_size=16", *COMMON]
-BACKBONE_GROUP_BUG = pytest.mark.xfail(
-    strict=True, reason="configs/backbone/unet3d.yaml and swin_unetr.yaml set DINO-only keys "
-    "(optimizer, weight_decay_end, crop scales), which MAE, classification and segmentation "
-    "configs reject")
-
-
 def _with_backbone(cfg: DictConfig, backbone: dict | None) -> DictConfig:
     if backbone is not None:
         with open_dict(cfg):
@@ -79,18 +73,14 @@ def _events(folder: Path) -> EventAccumulator:
 # ----- configs --------------------------------------------------------------------------------
 @pytest.mark.parametrize(("script", "overrides", "backbone", "encoder"), [
     pytest.param("mae3d", [], None, "ViTBackbone", id="3d-vit"),
-    pytest.param("mae3d", ["backbone=unet3d"], None, "UNet3DEncoder", id="3d-unet3d",
-                 marks=BACKBONE_GROUP_BUG),
-    pytest.param("mae3d", ["backbone=swin_unetr"], None, "SwinEncoder", id="3d-swin",
-                 marks=BACKBONE_GROUP_BUG),
+    pytest.param("mae3d", ["backbone=unet3d"], None, "UNet3DEncoder", id="3d-unet3d"),
+    pytest.param("mae3d", ["backbone=swin_unetr"], None, "SwinEncoder", id="3d-swin"),
     pytest.param("mae3d", [], UNET3D, "UNet3DEncoder", id="3d-unet3d-dict"),
-    pytest.param("mae3d", ["preset=mae_oai"], None, "UNet3DEncoder", id="3d-oai",
-                 marks=BACKBONE_GROUP_BUG),
+    pytest.param("mae3d", ["preset=mae_oai"], None, "UNet3DEncoder", id="3d-oai"),
     pytest.param("mae3d", ["preset=mae_oai", "backbone=vit"], None, "ViTBackbone",
                  id="3d-oai-vit"),
     pytest.param("mae2d", [], None, "ViTBackbone", id="2d-vit"),
-    pytest.param("mae2d", ["backbone=unet3d"], None, "UNet3DEncoder", id="2d-unet",
-                 marks=BACKBONE_GROUP_BUG),
+    pytest.param("mae2d", ["backbone=unet3d"], None, "UNet3DEncoder", id="2d-unet"),
     pytest.param("mae2d", [], UNET2D, "UNet3DEncoder", id="2d-unet-dict"),
 ])
 def test_default_configs_build(script: str, overrides: list[str], backbone: dict | None,

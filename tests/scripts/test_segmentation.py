@@ -362,13 +362,7 @@ REAL_CASES = {  # image, label, dcm2niix reference of a DICOM image (None: the i
     "ct_dicom": ("totalsegmentator/example_ct_dicom", "totalsegmentator/example_seg_dicom.nii.gz",
                  "totalsegmentator/reference_dcm2niix/example_ct_dicom.nii.gz"),
 }
-KNOWN_BUG = pytest.mark.xfail(strict=True, reason=(
-    "validate_volumes compares the stored affines: this label (LAS NIfTI) is on the DICOM "
-    "series' grid (LPS as stored) and identical after loading, yet refused"))
-
-
-@pytest.mark.parametrize("case", [pytest.param(c, marks=KNOWN_BUG) if c == "ct_dicom" else c
-                                  for c in REAL_CASES])
+@pytest.mark.parametrize("case", list(REAL_CASES))
 def test_real_scans_train_and_predict_on_the_original_grid(case: str, real_data: Path,
                                                            tmp_path: Path) -> None:
     """A training step on each real scan, then test mode: the label map lands on the input's
