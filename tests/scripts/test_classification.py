@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -102,12 +103,18 @@ def _scalars(out: Path) -> set[str]:
     return set(events.Tags()["scalars"])
 
 
-def test_training_beats_chance(cls_cfg: DictConfig) -> None:
-    """Bone size (P02SEX) is visible at 16x32x32: 8 epochs separate the training rows."""
+def test_training_learns_a_demo_target(cls_cfg: DictConfig) -> None:
+    """Bone size (P02SEX) is visible at 16x32x32: over 8 epochs the training loss falls
+    below chance (ln 2) and well below that of epochs 1-2. Training rows may not be evaluated
+    as validation or test rows (leakage rule), and 2 held-out tiny subjects give no AUC."""
     _set(cls_cfg, n_epochs=8, lr=3e-3, backbone_lr_scale=1.0, aug=False,
-         val_folds=[0, 1, 2], test_folds=[0, 1, 2], cls_targets=["P02SEX"], experiment="learn")
-    trainer = run(cls_cfg)
-    assert trainer.callback_metrics["test/auc"] > 0.8
+         cls_targets=["P02SEX"], experiment="learn")
+    run(cls_cfg)
+    events = EventAccumulator(str(Path(cls_cfg.results_dir) / "learn" / "tensorboard"))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("train/loss")]
+    early, late = sum(losses[3:9]) / 6, sum(losses[-6:]) / 6  # 3 steps per epoch
+    assert late < math.log(2) and late < 0.85 * early
 
 
 def test_test_ckpt_evaluates_only(cls_cfg: DictConfig) -> None:
