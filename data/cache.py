@@ -9,7 +9,9 @@ keyed by the preprocessing settings.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
 import hashlib
 import json
 import logging
@@ -47,8 +49,11 @@ CACHE_FORMAT = 2
 CACHED_KEYS = (IMAGE, LABEL, GEOMETRY)
 # The item fields preprocessing reads: items equal in these share one cached copy.
 INPUT_KEYS = (IMAGE, LABEL, "series", SLICE, SLICE_AXIS, "max_val")
-# Memory per cached entry beyond its voxels (tensor objects, metadata, geometry), bytes.
-ENTRY_OVERHEAD = 16 * 1024
+# Memory per cached entry beyond its voxels, bytes: tensor objects, metadata, geometry and
+# heap left fragmented between entries (measured 8-64 KiB for 64x64x32 volumes).
+ENTRY_OVERHEAD = 64 * 1024
+# The memory cache hands freed heap back to the system after every this many entries.
+TRIM_EVERY = 32
 # Share of the available memory the memory cache may fill; the rest stays for the model,
 # batches and loader workers.
 MEMORY_SHARE = 0.8
@@ -163,6 +168,17 @@ def available_memory() -> int:
     return max(0, free if room is None else min(free, room))
 
 
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the system (glibc; elsewhere nothing happens).
+
+    Preprocessing frees large temporary buffers (the native volume, scaled copies) between
+    the small results it keeps; glibc keeps those holes, and a filled cache then held about
+    3x its volumes' size (1.5 MB per 512 KB entry, measured). Trimming keeps it near 1x.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
 
@@ -222,9 +238,13 @@ class MemoryCache:
                 new.setdefault(key, record)
         if new:
             self.check_fits(list(new.values()), len(records), infos)
+            todo = list(new.items())
             with ThreadPoolExecutor(max_workers=self.workers) as pool:
-                self.entries.update(zip(new, pool.map(self._preprocess, new.values()),
-                                             strict=True))
+                for start in range(0, len(todo), TRIM_EVERY):
+                    chunk = todo[start:start + TRIM_EVERY]
+                    done = pool.map(self._preprocess, [record for _, record in chunk])
+                    self.entries.update(zip([key for key, _ in chunk], done, strict=True))
+                    _trim_heap()
         return keys
 
     def _preprocess(self, record: dict) -> dict:
