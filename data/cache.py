@@ -24,7 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from monai.data import Dataset, PersistentDataset
+from monai.data import Dataset, MetaTensor, PersistentDataset
 from monai.data.utils import pickle_hashing
 from monai.transforms import Compose, RandomizableTrait, Transform, apply_transform
 from monai.utils import look_up_option
@@ -112,6 +112,10 @@ class _Dataset(_ClearErrors, Dataset):
 class _PersistentDataset(_ClearErrors, PersistentDataset):
     def _cachecheck(self, item_transformed: Mapping) -> dict:
         cached = super()._cachecheck(item_transformed)
+        # A freshly computed item holds MetaTensors, one read back from disk (track_meta=
+        # False) plain tensors; serve plain tensors always, or a batch mixing both (a file
+        # shared by rows, a run resumed within its first epoch) cannot be collated.
+        cached = {k: v.as_tensor() if isinstance(v, MetaTensor) else v for k, v in cached.items()}
         # Files are keyed by what preprocessing reads, so CSV-only fields (targets, fold,
         # row) of a cached copy may be stale: take those from the current item.
         live = {k: v for k, v in item_transformed.items() if k not in CACHED_KEYS}
@@ -129,7 +133,10 @@ def _cgroup_room(proc_cgroup: Path = Path("/proc/self/cgroup"),
         return None
     folders: list[tuple[Path, tuple[str, str, str]]] = []
     for line in lines:
-        _, controllers, rel = line.split(":", 2)
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, rel = parts
         if controllers == "":
             base, names = root, ("memory.max", "memory.current", "inactive_file")
         elif "memory" in controllers.split(","):
