@@ -14,11 +14,19 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# The main job end to end on the built-in demo cohort: generate and check it, pre-train DINO.
+# The main job end to end on the built-in demo cohort: generate and check it, pre-train DINO,
+# then fine-tune classification and segmentation from the DINO export and from scratch with
+# the same budget, and print their test metrics side by side.
+DINO_EXPORT := results/dino_demo/backbone.pt
 demo: install
 	$(VENV)/bin/medssl-demo demo_data
 	$(VENV)/bin/medssl-inspect demo_data/ssl.csv
 	$(PY) self_supervised/dino.py
+	$(PY) downstream/classification.py experiment=cls_dino dino_weights=$(DINO_EXPORT)
+	$(PY) downstream/classification.py experiment=cls_scratch
+	$(PY) downstream/segmentation.py experiment=seg_dino dino_weights=$(DINO_EXPORT)
+	$(PY) downstream/segmentation.py experiment=seg_scratch
+	$(VENV)/bin/medssl-compare results/cls_dino results/cls_scratch results/seg_dino results/seg_scratch
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -25,6 +25,7 @@ trains.
 from __future__ import annotations
 
 import csv
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ import pandas as pd
 from medssl.data import dicom
 from medssl.data.io import VolumeError, VolumeInfo, canonical_layout, read_volume_info
 
+log = logging.getLogger(__name__)
 TASK_COLUMNS: dict[str, tuple[str, ...]] = {
     "ssl": ("PatientID", "path", "fold"),
     "mae3d": ("PatientID", "path", "fold"),
@@ -184,6 +186,9 @@ class Cohort:
             shared: splits that may share folds and patients with the others (predictions
                 neither train nor evaluate).
 
+        Only training rows must be kept apart: ``val`` and ``test`` may share folds (small
+        cohorts), with a warning that the test then also picked the checkpoint.
+
         Returns:
             the rows of each split given folds and the rows in no split (log their count).
 
@@ -203,16 +208,20 @@ class Cohort:
             if name in shared:
                 continue
             for fold in {r["fold"] for r in rows[name]}:
-                if fold in owner:
+                if fold in owner and "train" in (owner[fold], name):
                     raise CohortError(f"{self.csv_path}: fold {fold} is in both "
                                       f"{owner[fold]}_folds and {key}")
-                owner[fold] = name
+                if fold in owner:
+                    log.warning("%s: fold %s is in both %s_folds and %s: the test rows also "
+                                "chose the checkpoint, so test metrics are optimistic",
+                                self.csv_path, fold, owner[fold], key)
+                owner.setdefault(fold, name)
         seen: dict[str, dict[str, list[str]]] = {}
         for name, split_rows in rows.items():
             for r in split_rows if name not in shared else ():
                 seen.setdefault(r["PatientID"], {}).setdefault(name, []).append(
                     str(self.lines.get(r["row"], "?")))
-        leaks = {pid: where for pid, where in seen.items() if len(where) > 1}
+        leaks = {pid: where for pid, where in seen.items() if len(where) > 1 and "train" in where}
         if leaks:
             _fail(self.csv_path, [
                 f"PatientID {pid} is in {len(where)} splits (data leakage): "

@@ -7,13 +7,16 @@ an import cycle that breaks whenever a network module is imported first.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any, ClassVar
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["Backbone", "as_size", "check_positive_int", "check_spatial_dims"]
+__all__ = ["Backbone", "as_size", "check_positive_int", "check_spatial_dims", "checkpointed"]
 
 
 def check_spatial_dims(spatial_dims: int) -> None:
@@ -40,6 +43,48 @@ def as_size(name: str, value: int | Sequence[int], spatial_dims: int) -> list[in
     return size
 
 
+@contextmanager
+def _keep_norm_statistics(module: nn.Module) -> Iterator[None]:
+    """Undo the running-statistics update batch norms make while a checkpoint recomputes.
+
+    The recomputation in backward runs the forward again in training mode, so without this
+    every batch norm would move its running mean/variance twice per step.
+    """
+    norms = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.training
+             and m.track_running_stats]
+    saved = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+              if b is not None] for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, buffers in zip(norms, saved, strict=True):
+                live = [b for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+                        if b is not None]
+                for b, old in zip(live, buffers, strict=True):
+                    b.copy_(old)
+
+
+def checkpointed(module: nn.Module, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` under activation checkpointing (torch.utils.checkpoint, non-reentrant).
+
+    Activations inside ``fn`` are dropped after the forward and recomputed in backward: less
+    memory for about one more forward of compute. The RNG state is replayed (drop path and
+    dropout give the same masks) and batch-norm running statistics in ``module`` are updated
+    once, as without checkpointing. Without gradients (teacher, evaluation) ``fn`` just runs.
+
+    Args:
+        module: the module whose parameters and batch norms ``fn`` uses.
+        fn: the function to run, usually ``module`` itself or its ``forward``.
+        *args: its arguments (tensors needing gradients among them).
+    """
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    return torch.utils.checkpoint.checkpoint(
+        fn, *args, use_reentrant=False,
+        context_fn=lambda: (nullcontext(), _keep_norm_statistics(module)))
+
+
 class Backbone(nn.Module):
     """Base class: shared input checks and the contract every backbone keeps.
 
@@ -50,6 +95,9 @@ class Backbone(nn.Module):
         out_dim: width of the pooled ``forward`` output (B, out_dim).
         feature_channels: channels of each ``forward_features`` map, shallow to deep.
         feature_strides: per map, its downsampling factor per spatial axis.
+        use_checkpoint: activation checkpointing (also a ``config`` key, default False):
+            blocks run through ``checkpointed`` in training, trading about one extra
+            forward pass for the memory of their activations.
     and implement ``forward_features(x) -> list[Tensor]`` (maps (B, C_i, *spatial_i), shallow
     to deep, for decoders) and ``forward(x) -> (B, out_dim)``.
     """
@@ -61,6 +109,7 @@ class Backbone(nn.Module):
     feature_channels: tuple[int, ...]
     feature_strides: tuple[tuple[int, ...], ...]
     config: dict[str, Any]
+    use_checkpoint: bool = False
 
     @property
     def input_divisors(self) -> tuple[int, ...]:

@@ -3,8 +3,13 @@
 Follows facebookresearch/dino ``main_dino.py`` and lightly's
 ``examples/pytorch_lightning/dino.py``: student and EMA teacher (backbone + projection
 head), multi-crop where only the global views reach the teacher, DINO loss with centring
-and teacher-temperature warm-up, cosine schedules for learning rate, weight decay and
-teacher momentum, last layer frozen for the first epochs, gradient clipping.
+and teacher-temperature warm-up, the learning rate scaled by the total batch / 256, cosine
+schedules for learning rate, weight decay and teacher momentum, last layer frozen for the
+first epochs, per-parameter gradient clipping, stochastic depth in the student only.
+
+Against the uniform collapse of small cohorts (a fresh network's features barely differ
+between samples, so centring flattens the teacher's output; see ``bench/results/dino.md``),
+two DINOv2 options: Sinkhorn-Knopp centring of the teacher and the KoLeo regulariser.
 """
 
 from __future__ import annotations
@@ -13,14 +18,24 @@ import math
 
 import lightning as L
 import torch
-from lightly.loss import DINOLoss
+from lightly.loss import KoLeoLoss
+from lightly.loss.capi_loss import sinkhorn_knopp
 from lightly.models.modules import DINOProjectionHead
 from lightly.models.utils import deactivate_requires_grad, update_momentum
 from lightly.utils.scheduler import cosine_schedule
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from medssl.models.backbones import build_backbone
-from medssl.models.monitors import crop_grid, embedding_std, softmax_entropy
+from medssl.models.monitors import (
+    crop_grid,
+    embedding_spread,
+    entropy_fraction,
+    prototype_information,
+)
+
+CENTERINGS = ("mean", "sinkhorn_knopp")
+POOLINGS = ("cls", "mean")
 
 
 def warmup_cosine(step: int, total: int, warmup: int, start: float, end: float) -> float:
@@ -30,45 +45,121 @@ def warmup_cosine(step: int, total: int, warmup: int, start: float, end: float) 
     return cosine_schedule(step - warmup, max(total - warmup, 1), start, end)
 
 
+def teacher_temperature(epoch: int, start: float, end: float, warmup_epochs: int) -> float:
+    """DINO's schedule: ``linspace(start, end, warmup_epochs)`` over the first epochs, so the
+    target is reached at epoch ``warmup_epochs - 1``, then constant."""
+    if epoch >= warmup_epochs:
+        return end
+    if warmup_epochs == 1:  # linspace(start, end, 1) == [start]
+        return start
+    return start + (end - start) * epoch / (warmup_epochs - 1)
+
+
+def clip_per_parameter(parameters: list[nn.Parameter], max_norm: float) -> list[float]:
+    """Clip each parameter's gradient to norm ``max_norm`` on its own (DINO
+    ``utils.clip_gradients``: ``clip_coef = clip / (norm + 1e-6)`` where below 1).
+
+    A global norm would let one large gradient (e.g. the discarded last-layer gradient of
+    the frozen epochs) shrink every other one. Returns the gradient norms before clipping.
+    """
+    norms = []
+    for p in parameters:
+        if p.grad is None:
+            continue
+        norm = p.grad.detach().norm(2)
+        norms.append(float(norm))
+        coef = max_norm / (norm + 1e-6)
+        if coef < 1:
+            p.grad.mul_(coef)
+    return norms
+
+
+def dino_cross_entropy(teacher_probs: Tensor, student_out: Tensor, student_temp: float) -> Tensor:
+    """DINO's loss: mean cross-entropy of every teacher view (T, B, K) probabilities against
+    every student view (S, B, K) logits, the same view index excluded."""
+    s_logp = F.log_softmax(student_out / student_temp, dim=-1)
+    terms = -torch.einsum("tbk,sbk->ts", teacher_probs, s_logp)
+    mask = torch.ones_like(terms)
+    n = min(terms.shape)
+    mask[range(n), range(n)] = 0
+    n_terms = mask.sum()
+    if n_terms == 0:
+        raise ValueError("the DINO loss needs at least two views")
+    return (terms * mask).sum() / (n_terms * teacher_probs.shape[1])
+
+
 class DINO(L.LightningModule):
     """DINO pre-training module.
 
     Args:
-        backbone_config: ``build_backbone`` kwargs (including ``name``).
+        backbone_config: ``build_backbone`` kwargs (including ``name``); the teacher gets it
+            with ``drop_path_rate`` 0.
         out_dim: prototypes of the projection head (65536 in the paper; smaller is cheaper).
         hidden_dim, bottleneck_dim: projection head MLP sizes.
-        head_batch_norm: batch norm in the head MLP (DINO's ``use_bn_in_head``); amplifies
-            the small sample-to-sample differences of a freshly initialised backbone.
-        lr: peak learning rate (reached after warm-up).
-        min_lr: final learning rate of the cosine decay.
+        head_batch_norm: batch norm in the head MLP (DINO's ``use_bn_in_head``, off for ViTs).
+        lr: base learning rate at a total batch of 256; the peak rate after warm-up is
+            ``lr * batch_size * devices * num_nodes * accumulate_grad_batches / 256`` (DINO's
+            linear scaling rule), logged as ``train/lr``.
+        batch_size: samples per device and step (for the scaling rule).
+        optimizer: ``adamw`` (DINO's ViT recipe) or ``sgd`` (momentum 0.9, its convnet recipe).
+        min_lr: final learning rate of the cosine decay (not scaled, as in DINO).
         warmup_epochs: linear learning-rate warm-up.
-        weight_decay, weight_decay_end: cosine weight-decay schedule (norms/biases get none).
+        weight_decay, weight_decay_end: cosine weight-decay schedule (norms/biases get none);
+            equal values give DINO's constant convnet weight decay.
         momentum_teacher: starting EMA momentum, raised to 1 by a cosine over all steps.
         teacher_temp, warmup_teacher_temp, warmup_teacher_temp_epochs: teacher temperature,
-            linearly warmed up from ``warmup_teacher_temp``.
+            ``linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs)`` per epoch.
         student_temp: student temperature.
         norm_last_layer: weight-normalise the head's last layer (True is more stable).
         freeze_last_layer: epochs during which the last layer gets no gradient.
-        clip_grad: maximum gradient norm (0 disables clipping).
+        clip_grad: maximum gradient norm of each parameter tensor (0 disables clipping).
+        drop_path_rate: stochastic depth of the student ViT (DINO: 0.1); ignored by backbones
+            without it.
+        centering: ``mean`` (DINO: running mean of the teacher outputs, momentum
+            ``center_momentum``) or ``sinkhorn_knopp`` (DINOv2: 3 iterations per batch,
+            balancing the prototypes over the batch).
+        center_momentum: EMA momentum of the mean centre (DINO: 0.9).
+        koleo_weight: weight of the KoLeo loss on the student's global-view features
+            (DINOv2: 0.1); 0 disables it.
+        pooling: features fed to the head from token backbones (ViT): ``cls`` (DINO) or
+            ``mean`` of the patch tokens. The exported backbone still returns CLS features.
         n_global: number of global crops (the first crops of each batch).
     """
 
     def __init__(self, backbone_config: dict, out_dim: int = 4096, hidden_dim: int = 512,
                  bottleneck_dim: int = 128, head_batch_norm: bool = False, lr: float = 5e-4,
-                 min_lr: float = 1e-6, warmup_epochs: int = 10, weight_decay: float = 0.04,
+                 batch_size: int = 256, optimizer: str = "adamw", min_lr: float = 1e-6,
+                 warmup_epochs: int = 10, weight_decay: float = 0.04,
                  weight_decay_end: float = 0.4, momentum_teacher: float = 0.996,
                  teacher_temp: float = 0.04, warmup_teacher_temp: float = 0.04,
                  warmup_teacher_temp_epochs: int = 0, student_temp: float = 0.1,
                  norm_last_layer: bool = True, freeze_last_layer: int = 1,
-                 clip_grad: float = 3.0, n_global: int = 2) -> None:
+                 clip_grad: float = 3.0, drop_path_rate: float = 0.1,
+                 centering: str = "mean", center_momentum: float = 0.9,
+                 koleo_weight: float = 0.0, pooling: str = "cls", n_global: int = 2) -> None:
         super().__init__()
         if not 0 <= momentum_teacher <= 1:
             raise ValueError(f"momentum_teacher must be in [0, 1], got {momentum_teacher}")
         if lr <= 0 or min_lr < 0:
             raise ValueError(f"need lr > 0 and min_lr >= 0, got lr={lr}, min_lr={min_lr}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        for name, value, options in (("optimizer", optimizer, ("adamw", "sgd")),
+                                     ("centering", centering, CENTERINGS),
+                                     ("pooling", pooling, POOLINGS)):
+            if value not in options:
+                raise ValueError(f"{name} must be one of {options}, got {value!r}")
+        if koleo_weight < 0:
+            raise ValueError(f"koleo_weight must be >= 0, got {koleo_weight}")
         self.save_hyperparameters()
-        self.student_backbone = build_backbone(**backbone_config)
-        self.teacher_backbone = build_backbone(**backbone_config)
+        student_config, teacher_config = dict(backbone_config), dict(backbone_config)
+        if backbone_config.get("name") == "vit":
+            # Stochastic depth in the student only; the teacher (the export) has none, so its
+            # stored config rebuilds a deterministic network.
+            student_config["drop_path_rate"] = drop_path_rate
+            teacher_config["drop_path_rate"] = 0.0
+        self.student_backbone = build_backbone(**student_config)
+        self.teacher_backbone = build_backbone(**teacher_config)
         self.teacher_backbone.load_state_dict(self.student_backbone.state_dict())
         head_args = dict(input_dim=self.student_backbone.out_dim, hidden_dim=hidden_dim,
                          bottleneck_dim=bottleneck_dim, output_dim=out_dim,
@@ -80,15 +171,19 @@ class DINO(L.LightningModule):
         self.teacher_head.load_state_dict(self.student_head.state_dict())
         deactivate_requires_grad(self.teacher_backbone)
         deactivate_requires_grad(self.teacher_head)
-        self.criterion = DINOLoss(output_dim=out_dim, teacher_temp=teacher_temp,
-                                  warmup_teacher_temp=warmup_teacher_temp,
-                                  warmup_teacher_temp_epochs=warmup_teacher_temp_epochs,
-                                  student_temp=student_temp)
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.koleo = KoLeoLoss()
+        self._pending_centers: list[Tensor] = []  # batch means since the last optimizer step
         self._grid_batch: list[Tensor] | None = None
         self._momentum = momentum_teacher
         self.ema_updates = 0  # teacher updates in this process (one per optimizer step)
 
     # ----- forward passes -------------------------------------------------------------
+    def _features(self, backbone: nn.Module, x: Tensor) -> Tensor:
+        if self.hparams.pooling == "mean" and hasattr(backbone, "forward_tokens"):
+            return backbone.forward_tokens(x)[:, 1:].mean(1)
+        return backbone(x)
+
     def _backbone_multicrop(self, backbone: nn.Module, crops: list[Tensor]) -> Tensor:
         """Run the backbone once per group of equally shaped crops (facebookresearch/dino
         ``MultiCropWrapper``); returns (n_crops * B, D) in crop order."""
@@ -97,20 +192,34 @@ class DINO(L.LightningModule):
             end = start
             while end < len(crops) and crops[end].shape == crops[start].shape:
                 end += 1
-            feats.append(backbone(torch.cat(crops[start:end])))
+            feats.append(self._features(backbone, torch.cat(crops[start:end])))
             start = end
         return torch.cat(feats)
 
     def forward(self, crops: list[Tensor]) -> list[Tensor]:
         """Student outputs, one (B, out_dim) tensor per crop."""
-        out = self.student_head(self._backbone_multicrop(self.student_backbone, crops))
-        return list(out.chunk(len(crops)))
+        return self._student(crops)[0]
+
+    def _student(self, crops: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+        feats = self._backbone_multicrop(self.student_backbone, crops)
+        return list(self.student_head(feats).chunk(len(crops))), feats
 
     @torch.no_grad()
     def forward_teacher(self, crops: list[Tensor]) -> tuple[list[Tensor], Tensor]:
         """Teacher outputs for the global crops, and its backbone features (nB, D)."""
         feats = self._backbone_multicrop(self.teacher_backbone, crops)
         return list(self.teacher_head(feats).chunk(len(crops))), feats
+
+    @torch.no_grad()
+    def teacher_probs(self, teacher_out: Tensor, temp: float) -> Tensor:
+        """Targets (T, B, K) from teacher logits (T, B, K): centred and sharpened softmax, or
+        Sinkhorn-Knopp assignments balanced over the batch (all global views together)."""
+        if self.hparams.centering == "sinkhorn_knopp":
+            t, b, k = teacher_out.shape
+            q = sinkhorn_knopp((teacher_out.float() / temp).reshape(1, t * b, k).transpose(0, 1),
+                               iterations=3, gather_distributed=True)
+            return q.transpose(0, 1).reshape(t, b, k)
+        return F.softmax((teacher_out - self.center) / temp, dim=-1)
 
     # ----- schedules (pure functions of the optimizer step) ----------------------------
     def _steps(self) -> tuple[int, int]:
@@ -120,17 +229,24 @@ class DINO(L.LightningModule):
         per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
         return total, max(min(per_epoch, total), 1)
 
+    def peak_lr(self) -> float:
+        """DINO's linear scaling rule: base lr x total batch / 256, the total batch being
+        batch_size x devices x num_nodes (``world_size``) x accumulated batches."""
+        trainer = self.trainer
+        total_batch = (self.hparams.batch_size * trainer.world_size
+                       * trainer.accumulate_grad_batches)
+        return self.hparams.lr * total_batch / 256
+
     def schedules(self) -> dict[str, float]:
         hp, step = self.hparams, self.global_step
         total, per_epoch = self._steps()
-        epoch = step / per_epoch
-        warm = hp.warmup_teacher_temp_epochs
         return {
-            "lr": warmup_cosine(step, total, hp.warmup_epochs * per_epoch, hp.lr, hp.min_lr),
+            "lr": warmup_cosine(step, total, hp.warmup_epochs * per_epoch, self.peak_lr(),
+                                hp.min_lr),
             "weight_decay": cosine_schedule(step, total, hp.weight_decay, hp.weight_decay_end),
             "momentum": cosine_schedule(step, total, hp.momentum_teacher, 1.0),
-            "teacher_temp": hp.teacher_temp if epoch >= warm else hp.warmup_teacher_temp
-            + (hp.teacher_temp - hp.warmup_teacher_temp) * math.floor(epoch) / warm,
+            "teacher_temp": teacher_temperature(step // per_epoch, hp.warmup_teacher_temp,
+                                                hp.teacher_temp, hp.warmup_teacher_temp_epochs),
         }
 
     # ----- training ---------------------------------------------------------------------
@@ -143,36 +259,65 @@ class DINO(L.LightningModule):
             if group["decay"]:
                 group["weight_decay"] = sched["weight_decay"]
         teacher_out, teacher_feats = self.forward_teacher(crops[:n_global])
-        student_out = self.forward(crops)
-        loss = self.criterion(teacher_out, student_out, teacher_temp=sched["teacher_temp"])
+        teacher_out = torch.stack(teacher_out)
+        student_out, student_feats = self._student(crops)
+        targets = self.teacher_probs(teacher_out, sched["teacher_temp"])
+        loss = dino_cross_entropy(targets, torch.stack(student_out), self.hparams.student_temp)
+        # The centre moves once per optimizer step (after it), from the micro-batches' means.
+        self._pending_centers.append(teacher_out.detach().float().mean((0, 1)))
+        log = {}
+        if self.hparams.koleo_weight > 0:
+            # DINOv2: KoLeo on each global view's student features, within the batch.
+            bs = crops[0].shape[0]
+            koleo = sum(self.koleo(f) for f in student_feats[:n_global * bs].chunk(n_global))
+            log["train/koleo_loss"] = koleo / n_global
+            loss = loss + self.hparams.koleo_weight * koleo / n_global
         if not torch.isfinite(loss):
             raise FloatingPointError(f"DINO loss is {loss.item()} at step {self.global_step}; "
                                      "lower lr or raise warmup_epochs")
         bs = crops[0].shape[0]
-        log = {f"train/{k}": v for k, v in sched.items()}
+        sharpened = (teacher_out - self.center) / sched["teacher_temp"]
+        log |= {f"train/{k}": v for k, v in sched.items()}
         log |= {"train/dino_loss": loss,
-                "train/embedding_std": embedding_std(teacher_feats),
-                "train/teacher_entropy": softmax_entropy(
-                    (torch.stack(teacher_out) - self.criterion.center) / sched["teacher_temp"])}
+                "train/embedding_spread": embedding_spread(teacher_feats),
+                "train/teacher_entropy_fraction": entropy_fraction(sharpened),
+                "train/prototype_information": prototype_information(sharpened)}
         self.log_dict(log, batch_size=bs, sync_dist=True, prog_bar=False)
         self.log("dino_loss", loss, batch_size=bs, prog_bar=True, logger=False)
         if batch_idx == 0:
             self._grid_batch = [c[:1].detach().cpu() for c in crops]
         return loss
 
+    @torch.no_grad()
+    def update_center(self) -> None:
+        """DINO's centre EMA, once per optimizer step: the mean of the step's micro-batch
+        means (all-reduced over devices), momentum ``center_momentum``."""
+        if not self._pending_centers:
+            return
+        batch_center = torch.stack(self._pending_centers).mean(0, keepdim=True)
+        self._pending_centers = []
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(batch_center)
+            batch_center /= torch.distributed.get_world_size()
+        m = self.hparams.center_momentum
+        self.center.mul_(m).add_(batch_center.to(self.center.dtype), alpha=1 - m)
+
     def optimizer_step(self, *args: object, **kwargs: object) -> None:
-        """Step, then move the teacher: once per optimizer step, also with accumulation."""
+        """Step, then move the teacher and the centre: once per optimizer step, also with
+        accumulation."""
         super().optimizer_step(*args, **kwargs)
         update_momentum(self.student_backbone, self.teacher_backbone, m=self._momentum)
         update_momentum(self.student_head, self.teacher_head, m=self._momentum)
+        self.update_center()
         self.ema_updates += 1
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
                                     gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
+        # DINO order: clip each parameter, then drop the last layer's gradient while frozen.
         if self.hparams.clip_grad > 0:
-            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.clip_grad,
-                                gradient_clip_algorithm="norm")
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            clip_per_parameter(params, self.hparams.clip_grad)
         self.student_head.cancel_last_layer_gradients(self.current_epoch)
 
     def on_train_epoch_end(self) -> None:
@@ -188,19 +333,21 @@ class DINO(L.LightningModule):
             for name, param in module.named_parameters():
                 if param.requires_grad:
                     (no_decay if name.endswith(".bias") or param.ndim <= 1 else decay).append(param)
-        return torch.optim.AdamW([
+        groups = [
             {"name": "decay", "params": decay, "weight_decay": self.hparams.weight_decay,
              "decay": True},
             {"name": "no_decay", "params": no_decay, "weight_decay": 0.0, "decay": False},
-        ], lr=self.hparams.lr)
+        ]
+        if self.hparams.optimizer == "sgd":  # DINO's convnet recipe: SGD, momentum 0.9
+            return torch.optim.SGD(groups, lr=self.hparams.lr, momentum=0.9)
+        return torch.optim.AdamW(groups, lr=self.hparams.lr)
 
     # ----- validation: DINO loss on fixed crops ----------------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         crops, n_global = batch["crops"], self.hparams.n_global
         teacher_out, _ = self.forward_teacher(crops[:n_global])
-        center = self.criterion.center.clone()  # validation must not move the centre
-        loss = self.criterion(teacher_out, self.forward(crops),
-                              teacher_temp=self.hparams.teacher_temp)
-        self.criterion.center.copy_(center)
+        targets = self.teacher_probs(torch.stack(teacher_out), self.hparams.teacher_temp)
+        loss = dino_cross_entropy(targets, torch.stack(self.forward(crops)),
+                                  self.hparams.student_temp)
         self.log("val/dino_loss", loss, batch_size=crops[0].shape[0], sync_dist=True,
                  prog_bar=True)

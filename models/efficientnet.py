@@ -8,7 +8,12 @@ import torch
 from monai.networks.nets import EfficientNetBNFeatures, EfficientNetEncoder
 from monai.utils import look_up_option
 
-from medssl.models.backbone_base import Backbone, check_positive_int, check_spatial_dims
+from medssl.models.backbone_base import (
+    Backbone,
+    check_positive_int,
+    check_spatial_dims,
+    checkpointed,
+)
 
 __all__ = ["EfficientNetBackbone"]
 
@@ -26,13 +31,15 @@ class EfficientNetBackbone(EfficientNetBNFeatures, Backbone):
         in_channels: input channels.
         model_name: one of ``EfficientNetEncoder.backbone_names`` ("efficientnet-b0" .. "-b8",
             "efficientnet-l2").
+        use_checkpoint: activation checkpointing per stage (the blocks between two feature
+            maps) when gradients are on; the stem is not checkpointed.
     """
 
     name = "efficientnet"
     divisor: ClassVar[int] = 32  # stem and 4 more stride-2 stages
 
     def __init__(self, spatial_dims: int = 2, in_channels: int = 1,
-                 model_name: str = "efficientnet-b0") -> None:
+                 model_name: str = "efficientnet-b0", use_checkpoint: bool = False) -> None:
         check_spatial_dims(spatial_dims)
         check_positive_int("in_channels", in_channels)
         model_name = look_up_option(model_name, EfficientNetEncoder.backbone_names)
@@ -45,7 +52,9 @@ class EfficientNetBackbone(EfficientNetBNFeatures, Backbone):
             delattr(self, head)
         del self.num_classes
         self.config = {"name": self.name, "spatial_dims": spatial_dims,
-                       "in_channels": in_channels, "model_name": model_name}
+                       "in_channels": in_channels, "model_name": model_name,
+                       "use_checkpoint": bool(use_checkpoint)}
+        self.use_checkpoint = bool(use_checkpoint)
         self.spatial_dims, self.in_channels = spatial_dims, in_channels
         index = EfficientNetEncoder.backbone_names.index(model_name)
         self.feature_channels = tuple(EfficientNetEncoder.num_channels_per_output()[index])
@@ -55,7 +64,19 @@ class EfficientNetBackbone(EfficientNetBNFeatures, Backbone):
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Five maps with ``feature_channels`` channels at 1/2 .. 1/32 of the input size."""
         self._check_input(x)
-        return EfficientNetBNFeatures.forward(self, x)
+        if not self.use_checkpoint:
+            return EfficientNetBNFeatures.forward(self, x)
+        # EfficientNetBNFeatures.forward, with each stage's blocks checkpointed together.
+        x = self._swish(self._bn0(self._conv_stem(self._conv_stem_padding(x))))
+        features = [x] if 0 in self.extract_stacks else []
+        bounds = sorted(i for i in self.extract_stacks if i > 0)
+        start = 0
+        for end in bounds:
+            stage = self._blocks[start:end]
+            x = checkpointed(stage, stage, x)
+            features.append(x)
+            start = end
+        return features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Globally averaged deepest features (B, out_dim)."""

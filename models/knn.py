@@ -9,12 +9,14 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from medssl.models.monitors import knn_accuracy
+from medssl.models.monitors import knn_metrics
 
 
 class KNNMonitor(L.Callback):
     """Weighted k-NN classification on a feature extractor's outputs after each validation
-    (facebookresearch/dino ``eval_knn.py``); logs ``val/knn_accuracy``.
+    (facebookresearch/dino ``eval_knn.py``); logs ``val/knn_accuracy`` and, because accuracy
+    carries no signal on unbalanced targets, ``val/knn_auc`` (two classes) or
+    ``val/knn_balanced_accuracy`` (more), the metrics to pick exports by.
 
     Every rank scores the full bank and query sets (small, un-augmented monitor sets), so the
     value is the same on all ranks without gathering.
@@ -27,16 +29,20 @@ class KNNMonitor(L.Callback):
         k: neighbours (DINO: 20; small cohorts need fewer).
         temperature: vote weight exp(cosine / temperature) (DINO: 0.07).
         image_key: the batch key of the input images.
+        n_classes: number of classes (labels are 0..n_classes-1); default: the largest label
+            seen + 1. Set it, so a class missing from the query set cannot change the metric.
     """
 
     def __init__(self, bank: Iterable[dict], query: Iterable[dict], target: str,
                  backbone_attr: str, k: int = 20, temperature: float = 0.07,
-                 image_key: str = "image") -> None:
+                 image_key: str = "image", n_classes: int | None = None) -> None:
         if k < 1:
             raise ValueError(f"k must be a positive int, got {k}")
+        if n_classes is not None and n_classes < 2:
+            raise ValueError(f"n_classes must be at least 2, got {n_classes}")
         self.bank, self.query, self.target = bank, query, target
         self.backbone_attr, self.k, self.temperature = backbone_attr, k, temperature
-        self.image_key = image_key
+        self.image_key, self.n_classes = image_key, n_classes
 
     @torch.no_grad()
     def embed(self, backbone: nn.Module, batches: Iterable[dict],
@@ -62,5 +68,14 @@ class KNNMonitor(L.Callback):
                 query, query_y = self.embed(backbone, self.query, pl_module.device)
         finally:
             backbone.train(was_training)
-        acc = knn_accuracy(bank, bank_y, query, query_y, k=self.k, temperature=self.temperature)
-        pl_module.log("val/knn_accuracy", acc, sync_dist=True, prog_bar=True)
+        metrics = knn_metrics(bank, bank_y, query, query_y, n_classes=self.n_classes, k=self.k,
+                              temperature=self.temperature)
+        pl_module.log("val/knn_accuracy", metrics["accuracy"], sync_dist=True, prog_bar=True)
+        n_classes = self.n_classes or int(max(bank_y.max(), query_y.max())) + 1
+        if n_classes == 2:
+            # NaN when the query holds one class only: no checkpoint is then picked by it.
+            auc = metrics.get("auc", torch.tensor(float("nan")))
+            pl_module.log("val/knn_auc", auc, sync_dist=True, prog_bar=True)
+        else:
+            pl_module.log("val/knn_balanced_accuracy", metrics["balanced_accuracy"],
+                          sync_dist=True, prog_bar=True)

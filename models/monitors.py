@@ -25,10 +25,10 @@ def embedding_spread(features: Tensor) -> Tensor:
     """``embedding_std`` relative to that of uniformly spread features, 1/sqrt(D).
 
     Calibration: 1 for isotropic features (uniform on the sphere), 0 when every sample maps
-    to the same direction. Healthy self-supervised features are anisotropic and typically sit
-    around 0.2-0.8; a freshly initialised ViT gives much less (the demo ViT on
-    AdrenalMNIST3D: about 0.08), because all inputs share one dominant direction. A value that
-    falls towards 0 during training is a collapse.
+    to the same direction. Measured on AdrenalMNIST3D (train split, 32^3): raw voxels 0.24, a
+    freshly initialised demo ViT (patch 8, hidden 192, 2 layers) only 0.05-0.07, because all
+    its outputs share one dominant direction. Healthy training raises it well above the
+    random-init value (roughly 0.2 or more); a value falling towards 0 is a collapse.
 
     Args:
         features: (B, D) embeddings, B >= 2.
@@ -145,8 +145,9 @@ def knn_metrics(bank: Tensor, bank_labels: Tensor, query: Tensor, query_labels: 
 
     Accuracy alone carries no signal on unbalanced targets (at a 23/77 split it wanders around
     the majority rate); balanced accuracy has chance level 1/classes and AUC 0.5. On
-    AdrenalMNIST3D (28^3 -> 32^3, k=20) raw voxels reach an AUC of about 0.67, a random-init
-    demo ViT 0.64-0.68: a pre-trained backbone should clearly beat both.
+    AdrenalMNIST3D (28^3 -> 32^3, k=20, bank = train, query = test) raw voxels reach an AUC
+    of 0.72 and a random-init demo ViT 0.64-0.68 (``bench/probe.py``): a pre-trained
+    backbone should clearly beat both.
 
     Args:
         bank, bank_labels, query, query_labels: as ``knn_votes``; labels are class indices.

@@ -51,7 +51,8 @@ class SwinEncoder(Backbone):
         feature_size: stage-1 width, divisible by 12; ``out_dim`` is ``16 * feature_size``.
         depths: transformer blocks in each of the 4 stages.
         num_heads: attention heads in each of the 4 stages.
-        use_checkpoint: gradient checkpointing (less memory, more compute).
+        use_checkpoint: activation checkpointing of each Swin block's two halves (MONAI's own
+            switch; less memory, more compute).
         use_v2: SwinUNETR-v2 residual convolution at the start of each stage.
         legacy_patch_merging: use the MONAI < 1.5 merging order (for published weights).
         drop_path_rate: stochastic depth, rising linearly to this over all blocks, in [0, 1).
@@ -104,6 +105,7 @@ class SwinEncoder(Backbone):
             "use_flash_attention": bool(use_flash_attention),
         }
         self.spatial_dims, self.in_channels = spatial_dims, in_channels
+        self.use_checkpoint = bool(use_checkpoint)
         self.out_dim = 16 * feature_size
         # SwinTransformer's outputs: patch embedding (1/2), then the 4 stages (1/4 .. 1/32).
         self.feature_channels = tuple(feature_size * 2**i for i in range(5))

@@ -13,7 +13,12 @@ from monai.networks.layers import Conv, Norm, Pool
 from monai.utils import look_up_option
 from torch import nn
 
-from medssl.models.backbone_base import Backbone, check_positive_int, check_spatial_dims
+from medssl.models.backbone_base import (
+    Backbone,
+    check_positive_int,
+    check_spatial_dims,
+    checkpointed,
+)
 
 __all__ = ["DownTransition", "LUConv", "UNet3DDecoder", "UNet3DEncoder", "UpTransition"]
 
@@ -71,19 +76,24 @@ class UNet3DEncoder(Backbone):
         spatial_dims: 3 for volumes (Conv3d/BatchNorm3d), 2 for slices (Conv2d/BatchNorm2d).
         in_channels: input channels (1 for the published checkpoints).
         act: activation, one of "relu", "prelu", "elu".
+        use_checkpoint: activation checkpointing per ``down_tr`` block when gradients are on
+            (batch-norm running statistics still move once per forward).
     """
 
     name = "unet3d"
     divisor: ClassVar[int] = 8  # three 2x max-pools
     activations: ClassVar[tuple[str, ...]] = ACTIVATIONS
 
-    def __init__(self, spatial_dims: int = 3, in_channels: int = 1, act: str = "relu") -> None:
+    def __init__(self, spatial_dims: int = 3, in_channels: int = 1, act: str = "relu",
+                 use_checkpoint: bool = False) -> None:
         check_spatial_dims(spatial_dims)
         check_positive_int("in_channels", in_channels)
         act = look_up_option(act, self.activations)
         super().__init__()
         self.config = {"name": self.name, "spatial_dims": spatial_dims,
-                       "in_channels": in_channels, "act": act}
+                       "in_channels": in_channels, "act": act,
+                       "use_checkpoint": bool(use_checkpoint)}
+        self.use_checkpoint = bool(use_checkpoint)
         self.spatial_dims, self.in_channels, self.out_dim = spatial_dims, in_channels, 512
         self.feature_channels = (64, 128, 256, 512)
         self.feature_strides = tuple((2**i,) * spatial_dims for i in range(4))
@@ -97,7 +107,7 @@ class UNet3DEncoder(Backbone):
         self._check_input(x)
         skips = []
         for block in (self.down_tr64, self.down_tr128, self.down_tr256, self.down_tr512):
-            x, skip = block(x)
+            x, skip = checkpointed(block, block, x) if self.use_checkpoint else block(x)
             skips.append(skip)
         return skips
 

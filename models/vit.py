@@ -15,7 +15,13 @@ from monai.networks.blocks import TransformerBlock
 from monai.networks.layers import Conv, DropPath, trunc_normal_
 from torch import nn
 
-from medssl.models.backbone_base import Backbone, as_size, check_positive_int, check_spatial_dims
+from medssl.models.backbone_base import (
+    Backbone,
+    as_size,
+    check_positive_int,
+    check_spatial_dims,
+    checkpointed,
+)
 
 __all__ = ["ViTBackbone", "ViTBlock", "patchify", "random_keep", "unpatchify"]
 
@@ -120,6 +126,8 @@ class ViTBackbone(Backbone):
         qkv_bias: learn a bias for the query/key/value projection.
         drop_path_rate: stochastic depth of the last block, in [0, 1); block i gets
             ``drop_path_rate * i / (num_layers - 1)`` (linear, as DINO/timm). DINO's student: 0.1.
+        use_checkpoint: activation checkpointing per transformer block when gradients are
+            on: keeps only each block's input, recomputes the rest in backward.
     """
 
     name = "vit"
@@ -137,6 +145,7 @@ class ViTBackbone(Backbone):
         dropout_rate: float = 0.0,
         qkv_bias: bool = True,
         drop_path_rate: float = 0.0,
+        use_checkpoint: bool = False,
     ) -> None:
         check_spatial_dims(spatial_dims)
         for arg, value in [("in_channels", in_channels), ("hidden_size", hidden_size),
@@ -161,8 +170,9 @@ class ViTBackbone(Backbone):
             "img_size": img, "patch_size": patch, "hidden_size": hidden_size, "mlp_dim": mlp_dim,
             "num_layers": num_layers, "num_heads": num_heads,
             "dropout_rate": float(dropout_rate), "qkv_bias": bool(qkv_bias),
-            "drop_path_rate": float(drop_path_rate),
+            "drop_path_rate": float(drop_path_rate), "use_checkpoint": bool(use_checkpoint),
         }
+        self.use_checkpoint = bool(use_checkpoint)
         self.spatial_dims, self.in_channels, self.out_dim = spatial_dims, in_channels, hidden_size
         self.patch_size = tuple(patch)
         self.grid_size = tuple(i // p for i, p in zip(img, patch, strict=True))
@@ -254,6 +264,9 @@ class ViTBackbone(Backbone):
             raise ValueError(f"keep indices must be in [0, {n_patches}) (patches of this input), "
                              f"got [{int(keep.min())}, {int(keep.max())}].")
 
+    def _block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return checkpointed(block, block, x) if self.use_checkpoint else block(x)
+
     def forward_hidden_states(
         self, x: torch.Tensor, keep: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -270,7 +283,7 @@ class ViTBackbone(Backbone):
         x = self._embed(x, keep)
         hidden = []
         for block in self.blocks:
-            x = block(x)
+            x = self._block(block, x)
             hidden.append(x)
         return self.norm(x), hidden
 
@@ -285,7 +298,7 @@ class ViTBackbone(Backbone):
         """
         x = self._embed(x, keep)
         for block in self.blocks:
-            x = block(x)
+            x = self._block(block, x)
         return self.norm(x)
 
     def tokens_to_map(self, tokens: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:

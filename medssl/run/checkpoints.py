@@ -30,7 +30,8 @@ def export_backbone(path: Path, backbone: object, extra: dict) -> None:
 class BackboneCheckpoint(ModelCheckpoint):
     """ModelCheckpoint that writes ``<name>.backbone.pt`` (the module's ``export_attr``
     sub-network and its config, readable with ``torch.load(weights_only=True)``) beside every
-    checkpoint it keeps and, with ``export_best``, ``backbone.pt`` for its current best one."""
+    checkpoint it keeps and, with ``export_best``, ``backbone.pt`` for its current best one, in
+    the run folder (the parent of the checkpoint folder): the file users take."""
 
     def __init__(self, export_attr: str | None, export_best: bool, **kwargs: object) -> None:
         super().__init__(**kwargs)
@@ -48,7 +49,7 @@ class BackboneCheckpoint(ModelCheckpoint):
         extra = {"epoch": trainer.current_epoch, "global_step": trainer.global_step}
         export_backbone(self.companion(filepath), backbone, extra)
         if self.export_best and filepath == self.best_model_path:
-            export_backbone(Path(filepath).parent / BEST_EXPORT, backbone, extra)
+            export_backbone(Path(filepath).parent.parent / BEST_EXPORT, backbone, extra)
 
     def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         super()._remove_checkpoint(trainer, filepath)

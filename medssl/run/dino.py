@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
 from monai.data import DataLoader
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, open_dict
 
 from medssl.data.augment import MultiCropd
 from medssl.data.datamodule import CohortDataModule
@@ -29,6 +29,26 @@ from medssl.run.harness import Task, WeightSource
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class AugmentConfig:
+    """``augment:`` keys: ``RandCropView`` arguments shared by every view (values and comments:
+    ``configs/dino.yaml``)."""
+
+    max_aspect_ratio: float = MISSING
+    flip_axes: list[int] = MISSING
+    flip_prob: float = MISSING
+    rotate_deg: float = MISSING
+    rotate_prob: float = MISSING
+    intensity_scale: float = MISSING
+    intensity_scale_prob: float = MISSING
+    gamma: list[float] = MISSING
+    gamma_prob: float = MISSING
+    noise_std: float = MISSING
+    noise_prob: float = MISSING
+    blur_sigma: list[float] = MISSING
+    padding_mode: str = MISSING
+
+
 @schema("dino")
 @dataclass
 class DinoConfig(RunConfig):
@@ -46,6 +66,12 @@ class DinoConfig(RunConfig):
     global_crop_scale: list[float] = MISSING
     local_crop_size: list[int] = MISSING
     local_crop_scale: list[float] = MISSING
+    global_blur_prob: list[float] = MISSING
+    global_invert_prob: list[float] = MISSING
+    local_blur_prob: float = MISSING
+    local_invert_prob: float = MISSING
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optimizer: str = MISSING
     out_dim: int = MISSING
     hidden_dim: int = MISSING
     bottleneck_dim: int = MISSING
@@ -57,6 +83,11 @@ class DinoConfig(RunConfig):
     norm_last_layer: bool = MISSING
     freeze_last_layer: int = MISSING
     clip_grad: float = MISSING
+    drop_path_rate: float = MISSING
+    centering: str = MISSING
+    center_momentum: float = MISSING
+    koleo_weight: float = MISSING
+    pooling: str = MISSING
 
 
 def preprocessing(cfg: DictConfig, **changes: Any) -> Preprocessing:
@@ -70,11 +101,13 @@ class DinoTask(Task):
     init_attr = "student_backbone"
 
     def _multicrop(self, cfg: DictConfig, fixed_seed: int | None = None) -> MultiCropd:
-        return MultiCropd(IMAGE, global_size=plain(cfg.global_crop_size),
-                          local_size=plain(cfg.local_crop_size),
-                          global_scale=plain(cfg.global_crop_scale),
-                          local_scale=plain(cfg.local_crop_scale), n_crops=cfg.n_crops,
-                          fixed_seed=fixed_seed)
+        # Per-view probabilities are top-level keys named as MultiCropd's arguments; the
+        # ``augment:`` group holds the RandCropView options every view shares.
+        return MultiCropd(IMAGE, **kwargs_for(
+            MultiCropd, cfg, global_size=plain(cfg.global_crop_size),
+            local_size=plain(cfg.local_crop_size), global_scale=plain(cfg.global_crop_scale),
+            local_scale=plain(cfg.local_crop_scale), fixed_seed=fixed_seed),
+            **plain(cfg.augment))
 
     def build_data(self, cfg: DictConfig) -> CohortDataModule:
         # Validation crops are seeded per row: val/dino_loss is comparable across epochs.
@@ -96,7 +129,28 @@ class DinoTask(Task):
         return report
 
     def callbacks(self, cfg: DictConfig, data: CohortDataModule) -> list[L.Callback]:
-        """The k-NN monitor on teacher features, when the CSV has ``knn_target`` values."""
+        """The k-NN monitor on teacher features, when the CSV has ``knn_target`` values.
+
+        Also settles what picks ``backbone.pt`` (the harness reads ``cfg.monitor`` after this):
+        a k-NN ``monitor`` becomes ``val/knn_auc`` for two classes and
+        ``val/knn_balanced_accuracy`` for more; without the k-NN monitor it becomes null, so
+        the export is the last epoch's teacher.
+        """
+        callbacks = self._knn_callbacks(cfg, data)
+        monitor = cfg.monitor
+        if monitor is not None and monitor.startswith("val/knn_"):
+            if not callbacks:
+                monitor = None
+            elif callbacks[0].n_classes > 2 and monitor == "val/knn_auc":
+                monitor = "val/knn_balanced_accuracy"
+            if monitor != cfg.monitor:
+                log.info("monitor %s -> %s (k-NN monitor %s)", cfg.monitor, monitor,
+                         f"with {callbacks[0].n_classes} classes" if callbacks else "off")
+                with open_dict(cfg):
+                    cfg.monitor = monitor
+        return callbacks
+
+    def _knn_callbacks(self, cfg: DictConfig, data: CohortDataModule) -> list[KNNMonitor]:
         target = cfg.knn_target
         if target is None or not cfg.val_folds:
             return []
@@ -126,7 +180,7 @@ class DinoTask(Task):
             loaders.append(DataLoader(dataset, batch_size=cfg.batch_size,
                                       num_workers=cfg.n_workers))
         return [KNNMonitor(*loaders, target=target, backbone_attr="teacher_backbone",
-                           k=cfg.knn_k)]
+                           k=cfg.knn_k, n_classes=len(categories))]
 
 
 TASK = DinoTask()

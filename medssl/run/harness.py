@@ -74,6 +74,10 @@ class Task:
     def callbacks(self, cfg: DictConfig, data: L.LightningDataModule) -> list[L.Callback]:
         return []
 
+    def build_predict_data(self, cfg: DictConfig) -> L.LightningDataModule | None:
+        """Data for a predict stage after fit and test (e.g. a ``predict_csv``); None: none."""
+        return None
+
     def load_pretrained(self, module: L.LightningModule, source: WeightSource) -> LoadReport:
         """Start ``init_attr`` from the source; the report is logged by the caller."""
         return load_weights(attrgetter(self.init_attr)(module), source.path)
@@ -258,6 +262,9 @@ def run(cfg: DictConfig) -> L.Trainer:
         L.seed_everything(cfg.seed, workers=True)
     data = task.build_data(cfg)
     data.setup("fit")  # every CSV and volume problem surfaces here, before training
+    predict = task.build_predict_data(cfg)
+    if predict is not None:
+        predict.setup("predict")
     module = task.build_module(cfg, data)
     if source is not None and source.pretrained and resume is None:
         report = task.load_pretrained(module, source)
@@ -269,10 +276,13 @@ def run(cfg: DictConfig) -> L.Trainer:
         weights_only = not cfg.trust_checkpoint
         if source is None or source.key != "test_ckpt":
             trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=weights_only)
+        ckpt = source.path if source is not None and source.key == "test_ckpt" else "best"
+        if ckpt == "best" and not trainer.checkpoint_callback.best_model_path:
+            ckpt = None  # no validation: evaluate the weights as trained
         if task.has_test and cfg.get("test_folds"):
-            ckpt = source.path if source is not None and source.key == "test_ckpt" else "best"
-            if ckpt == "best" and not trainer.checkpoint_callback.best_model_path:
-                ckpt = None  # no validation: test the weights as trained
             trainer.test(module, datamodule=data, ckpt_path=ckpt, weights_only=weights_only)
+        if predict is not None:
+            trainer.predict(module, datamodule=predict, ckpt_path=ckpt,
+                            weights_only=weights_only, return_predictions=False)
     log.info("Results in %s", run_dir(cfg))
     return trainer

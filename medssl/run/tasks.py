@@ -13,6 +13,9 @@ if TYPE_CHECKING:
 # Imported on demand, so a script pays only for the method it runs.
 TASKS: dict[str, str] = {
     "dino": "medssl.run.dino",
+    "mae": "medssl.run.mae",
+    "classification": "medssl.run.classification",
+    "segmentation": "medssl.run.segmentation",
 }
 
 

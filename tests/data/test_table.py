@@ -165,3 +165,15 @@ def test_header_checks_catch_2d_and_4d_nifti_before_training(tmp_path: Path) -> 
         str(err.value)
     assert f"c.csv line 4 (PatientID P3): path: {tmp_path / 'stack.nii.gz'}: 4D image with 2 " \
         "volumes" in str(err.value)
+
+
+def test_val_and_test_may_share_folds_with_a_warning(demo: DemoPaths,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Small cohorts evaluate on the validation folds; only training rows must stay apart."""
+    cohort = read_cohort(demo.ssl_csv, "ssl")
+    with caplog.at_level("WARNING"):
+        split = cohort.split({"train": [0, 1, 2], "val": [3, 4], "test": [3, 4]})
+    assert split.rows["val"] == split.rows["test"]
+    assert "fold 3 is in both val_folds and test_folds" in caplog.text
+    with pytest.raises(CohortError, match="fold 3 is in both train_folds and test_folds"):
+        cohort.split({"train": [0, 1, 2, 3], "test": [3]})

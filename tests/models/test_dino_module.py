@@ -12,7 +12,7 @@ from lightly.utils.scheduler import cosine_schedule
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from medssl.models.dino import DINO, warmup_cosine
+from medssl.models.dino import DINO, clip_per_parameter, teacher_temperature, warmup_cosine
 
 TINY_VIT = {"name": "vit", "spatial_dims": 3, "in_channels": 1, "img_size": [16, 32, 32],
             "patch_size": [4, 8, 8], "hidden_size": 32, "mlp_dim": 64, "num_layers": 1,
@@ -46,8 +46,9 @@ def _loader(n: int = 4, batch_size: int = 2, **kwargs: object) -> DataLoader:
 
 def _module(backbone: dict | None = None, **kwargs: object) -> DINO:
     torch.manual_seed(0)
+    # batch_size 256: the scaling rule's factor is 1, so ``lr`` is the peak rate.
     args = {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "warmup_epochs": 0,
-            **kwargs}
+            "batch_size": 256, **kwargs}
     return DINO(backbone or TINY_VIT, **args)
 
 
@@ -257,10 +258,10 @@ def test_validation_does_not_move_the_center(tmp_path: Path) -> None:
     module = _module()
     trainer = _trainer(tmp_path, max_steps=2)
     trainer.fit(module, _loader(4))
-    center = module.criterion.center.clone()
+    center = module.center.clone()
     assert not torch.equal(center, torch.zeros_like(center)), "training should move the centre"
     trainer.validate(module, dataloaders=_loader(4), verbose=False)
-    assert torch.equal(module.criterion.center, center)
+    assert torch.equal(module.center, center)
     assert torch.isfinite(trainer.callback_metrics["val/dino_loss"])
 
 
@@ -328,3 +329,122 @@ def test_loss_falls_on_demo_crops(demo, tmp_path: Path) -> None:
     # Mean over an epoch (the same two batches each time): first vs last.
     first, last = sum(log.losses[:2]) / 2, sum(log.losses[-2:]) / 2
     assert last < 0.8 * first, str([round(x, 2) for x in log.losses])
+
+
+# ----- the recipe against DINO's numbers (shared/docs/dino_reference.md) -------------------
+@pytest.mark.parametrize(("batch_size", "accumulate", "expected"),
+                         [(2, 1, 5e-4 * 2 / 256), (2, 2, 5e-4 * 4 / 256),
+                          (64, 1, 1.25e-4), (256, 1, 5e-4)],
+                         ids=["batch-2", "batch-2-accumulate-2", "batch-64", "batch-256"])
+def test_lr_follows_the_linear_scaling_rule(tmp_path: Path, batch_size: int, accumulate: int,
+                                            expected: float) -> None:
+    """DINO: lr = 0.0005 x batch_size x GPUs / 256 (batch 64 -> 1.25e-4); accumulated
+    micro-batches count towards the batch."""
+    module, probe = _module(lr=5e-4, min_lr=0.0, batch_size=batch_size), _Groups()
+    trainer = _trainer(tmp_path, max_steps=2, accumulate_grad_batches=accumulate,
+                       callbacks=[probe])
+    trainer.fit(module, _loader(8, batch_size=2))
+    assert probe.steps[0][1]["decay"][1] == pytest.approx(expected)  # no warm-up: the peak
+
+
+def test_head_has_no_batch_norm_by_default() -> None:
+    """DINO: ``use_bn_in_head`` False for ViTs."""
+    module = DINO(TINY_VIT, out_dim=64, hidden_dim=32, bottleneck_dim=16)
+    assert not any(isinstance(m, nn.modules.batchnorm._NormBase)
+                   for m in module.student_head.modules())
+
+
+def test_teacher_temperature_reaches_its_target() -> None:
+    """DINO: np.concatenate((np.linspace(0.04, 0.07, 30), np.ones(70) * 0.07)); the target
+    at epoch warmup - 1 (29)."""
+    import numpy as np
+    reference = np.concatenate((np.linspace(0.04, 0.07, 30), np.ones(70) * 0.07))
+    ours = [teacher_temperature(e, 0.04, 0.07, 30) for e in range(100)]
+    assert ours == pytest.approx(reference.tolist())
+    assert ours[29] == pytest.approx(0.07) and ours[28] < 0.07
+    assert [teacher_temperature(e, 0.04, 0.07, 0) for e in range(3)] == [0.07] * 3
+    assert teacher_temperature(0, 0.04, 0.07, 1) == 0.04  # linspace(a, b, 1) == [a]
+
+
+def test_gradients_are_clipped_per_parameter() -> None:
+    """DINO utils.clip_gradients: each tensor scaled by clip / (norm + 1e-6) when above clip;
+    one huge gradient leaves the others alone (a global norm would shrink them)."""
+    big, small = nn.Parameter(torch.zeros(4)), nn.Parameter(torch.zeros(3))
+    big.grad = torch.tensor([30.0, 40.0, 0.0, 0.0])  # norm 50
+    small.grad = torch.tensor([2.0, 1.0, 0.0])  # norm 2.24 < 3: untouched
+    norms = clip_per_parameter([big, small], 3.0)
+    assert norms == pytest.approx([50.0, 5**0.5])
+    assert torch.allclose(big.grad, torch.tensor([30.0, 40.0, 0.0, 0.0]) * 3.0 / (50 + 1e-6))
+    assert small.grad.tolist() == [2.0, 1.0, 0.0]
+
+
+class _Teacher(L.Callback):
+    """The teacher's head outputs for each micro-batch, computed independently of the loss."""
+
+    def __init__(self) -> None:
+        self.means: list[Tensor] = []
+        self.centers: list[Tensor] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: DINO, batch: dict,
+                             batch_idx: int) -> None:
+        with torch.no_grad():
+            outs = [module.teacher_head(module.teacher_backbone(c)) for c in batch["crops"][:2]]
+        self.means.append(torch.cat(outs).mean(0))
+        self.centers.append(module.center.clone())
+
+
+def test_centre_moves_once_per_optimizer_step_with_accumulation(tmp_path: Path) -> None:
+    """DINO: centre = 0.9 centre + 0.1 batch mean, once per step; with 2 accumulated
+    micro-batches the step's batch is both (the mean of their means, equal sizes)."""
+    module, probe = _module(drop_path_rate=0.0), _Teacher()
+    _trainer(tmp_path, max_steps=2, accumulate_grad_batches=2,
+             callbacks=[probe]).fit(module, _loader(8, batch_size=2))
+    m = probe.means
+    step1 = 0.1 * (m[0] + m[1]) / 2
+    step2 = 0.9 * step1 + 0.1 * (m[2] + m[3]) / 2
+    assert torch.equal(probe.centers[1], probe.centers[0])  # not moved after micro-batch 1
+    assert torch.allclose(probe.centers[2][0], step1, atol=1e-6)
+    assert torch.allclose(module.center[0], step2, atol=1e-6)
+
+
+def test_stochastic_depth_in_the_student_only() -> None:
+    """DINO: drop_path_rate 0.1 in the student; the teacher (exported) has none."""
+    from medssl.models.backbones import build_backbone
+    module = _module({**TINY_VIT, "num_layers": 2})
+    student_rates = [b.drop_path.drop_prob for b in module.student_backbone.blocks
+                     if hasattr(b.drop_path, "drop_prob")]
+    assert student_rates == pytest.approx([0.1])  # linear 0 -> 0.1 over 2 blocks
+    assert all(isinstance(b.drop_path, nn.Identity) for b in module.teacher_backbone.blocks)
+    config = module.teacher_backbone.config
+    assert config["drop_path_rate"] == 0.0
+    rebuilt = build_backbone(**config)
+    rebuilt.load_state_dict(module.teacher_backbone.state_dict())
+    x = torch.randn(2, 1, *GLOBAL)
+    assert torch.equal(rebuilt.train()(x), module.teacher_backbone.train()(x))
+
+
+def test_sgd_recipe_for_convnets() -> None:
+    """DINO's convnet recipe: SGD with momentum 0.9."""
+    module = _module({"name": "unet3d"}, optimizer="sgd", lr=0.03, weight_decay=1e-4,
+                     weight_decay_end=1e-4)
+    optimizer = module.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert optimizer.param_groups[0]["momentum"] == 0.9
+    assert optimizer.param_groups[0]["weight_decay"] == 1e-4
+
+
+def test_sinkhorn_knopp_targets_balance_the_prototypes() -> None:
+    """DINOv2's centring: every prototype gets the same share of the batch, each row sums to 1
+    (a direct 3-iteration Sinkhorn on exp(logits / temp) as reference)."""
+    module = _module(centering="sinkhorn_knopp")
+    torch.manual_seed(1)
+    logits = torch.randn(2, 8, 64) * 0.1
+    targets = module.teacher_probs(logits, 0.04)
+    q = torch.exp(logits.reshape(16, 64) / 0.04)
+    for _ in range(3):
+        q = q / q.sum(0, keepdim=True)
+        q = q / q.sum(1, keepdim=True)
+    assert torch.allclose(targets.reshape(16, 64), q, atol=1e-5)
+    assert torch.allclose(targets.sum(-1), torch.ones(2, 8), atol=1e-5)
+    column = targets.reshape(16, 64).sum(0)
+    assert column.std() / column.mean() < 0.05  # near-equal mass per prototype

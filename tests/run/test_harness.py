@@ -80,6 +80,7 @@ class _Scripted(L.LightningModule):
 
 
 def _fit(values: list[float], mode: str, folder: Path) -> list:
+    """Train with checkpoints in ``folder``; backbone.pt lands in its parent (the run folder)."""
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(2, 2)))
     callbacks = checkpoint_callbacks(folder, "val/metric", mode, 1, "net")
     trainer = L.Trainer(max_epochs=len(values), callbacks=callbacks, logger=False,
@@ -91,15 +92,15 @@ def _fit(values: list[float], mode: str, folder: Path) -> list:
 
 @pytest.mark.parametrize("mode,best_epoch", [("min", 1), ("max", 2)], ids=["loss", "auc"])
 def test_checkpoint_mode_picks_the_best_epoch(mode: str, best_epoch: int, tmp_path: Path) -> None:
-    top_k, last = _fit([0.5, 0.1, 0.9], mode, tmp_path)
+    top_k, last = _fit([0.5, 0.1, 0.9], mode, tmp_path / "checkpoints")
     assert f"epoch{best_epoch:03d}" in Path(top_k.best_model_path).name
-    export = torch.load(tmp_path / BEST_EXPORT, weights_only=True)
+    export = torch.load(tmp_path / BEST_EXPORT, weights_only=True)  # in the run folder
     assert export["epoch"] == best_epoch and export["backbone_config"] == {"name": "fake"}
     # last.ckpt is written after the top-k update of its own epoch: resuming knows every file.
-    state = torch.load(tmp_path / "last.ckpt", weights_only=True)["callbacks"]
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]
     top_k_state = next(v for k, v in state.items() if "val/metric" in k)
     assert Path(top_k_state["best_model_path"]).name == Path(top_k.best_model_path).name
-    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == sorted(
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt")) == sorted(
         ["last.ckpt", Path(top_k.best_model_path).name])
 
 

@@ -1,0 +1,408 @@
+"""Classification fine-tuning as a run-layer task: target encoding from the training rows,
+label fractions, augmentation, weight checks, and the test report.
+
+``medssl-compare RUN_DIR [RUN_DIR ...]`` prints the test metrics of finished runs side by
+side.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch.callbacks import EarlyStopping
+from monai.transforms import RandAffined, RandFlipd, RandScaleIntensityd, RandShiftIntensityd
+from monai.utils import look_up_option
+from omegaconf import MISSING, DictConfig
+from sklearn.model_selection import train_test_split
+from sklearn.utils.class_weight import compute_class_weight
+from torch.utils.data import Dataset
+
+from medssl.data.datamodule import CohortDataModule
+from medssl.data.pipeline import IMAGE, Preprocessing
+from medssl.data.table import CohortError, category_order, is_missing
+from medssl.models.backbones import build_backbone
+from medssl.models.classifier import Classifier
+from medssl.models.metrics import classification_report
+from medssl.models.weights import LoadReport
+from medssl.run.config import RunConfig, kwargs_for, plain, schema
+from medssl.run.dino import preprocessing
+from medssl.run.harness import Task, WeightSource, resume_checkpoint, run_dir, weight_source
+
+log = logging.getLogger(__name__)
+CLASS_WEIGHTS = ("balanced", "none")
+MAX_LISTED = 40
+
+
+@schema("classification")
+@dataclass
+class ClassificationConfig(RunConfig):
+    """Classification keys (values and comments: ``configs/classification.yaml``)."""
+
+    cls_targets: list[str] = MISSING
+    test_folds: list[Any] = MISSING
+    eval_batch_size: int | None = MISSING
+    train_mode: str = MISSING
+    min_lr: float = MISSING
+    warmup_epochs: int = MISSING
+    weight_decay: float = MISSING
+    backbone_lr_scale: float = MISSING
+    freeze_backbone_epochs: int = MISSING
+    grad_clip: float = MISSING
+    class_weights: str = MISSING
+    label_fraction: float = MISSING
+    patience: int | None = MISSING
+    aug: bool = MISSING
+    flip_axes: list[int] = MISSING
+    flip_prob: float = MISSING
+    affine_prob: float = MISSING
+    rotate_deg: float = MISSING
+    scale_range: float = MISSING
+    intensity_prob: float = MISSING
+    intensity_scale: float = MISSING
+    intensity_shift: float = MISSING
+    bootstrap_resamples: int = MISSING
+
+
+def augmentations(flip_axes: Sequence[int], flip_prob: float, affine_prob: float,
+                  rotate_deg: float, scale_range: float, intensity_prob: float,
+                  intensity_scale: float, intensity_shift: float) -> list:
+    """MONAI training augmentation: flips, a small affine, intensity scale and shift.
+
+    Args:
+        flip_axes: array axes to flip (RAS: 0 left-right, 1 front-back, 2 up-down).
+        flip_prob: probability of each flip.
+        affine_prob: probability of the random affine.
+        rotate_deg: rotation range (+-degrees) about each axis.
+        scale_range: zoom range (+-fraction) per axis.
+        intensity_prob: probability of each intensity change.
+        intensity_scale: intensity factor range (x * (1 + U(-s, s))).
+        intensity_shift: intensity offset range (x + U(-s, s); volumes are scaled to [0, 1]).
+    """
+    steps: list = [RandFlipd(IMAGE, prob=flip_prob, spatial_axis=axis) for axis in flip_axes]
+    if affine_prob > 0:
+        steps.append(RandAffined(IMAGE, prob=affine_prob, rotate_range=math.radians(rotate_deg),
+                                 scale_range=scale_range, padding_mode="border"))
+    if intensity_prob > 0:
+        steps += [RandScaleIntensityd(IMAGE, factors=intensity_scale, prob=intensity_prob),
+                  RandShiftIntensityd(IMAGE, offsets=intensity_shift, prob=intensity_prob)]
+    return steps
+
+
+def label_subset(rows: list[dict], fraction: float, target: str, seed: int) -> list[dict]:
+    """A seeded subset of ``fraction`` of ``rows``, stratified by ``target`` (an empty value
+    is its own stratum), in the original row order."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"label_fraction must be in (0, 1], got {fraction}")
+    if fraction == 1:
+        return rows
+    strata = [r[target] if not is_missing(r[target]) else "" for r in rows]
+    try:
+        keep, _ = train_test_split(list(range(len(rows))), train_size=fraction,
+                                   stratify=strata, random_state=seed)
+    except ValueError as err:
+        raise ValueError(f"label_fraction={fraction} of {len(rows)} training rows cannot keep "
+                         f"every {target} class ({err})") from err
+    return [rows[i] for i in sorted(keep)]
+
+
+class _Encoded(Dataset):
+    """Selected items of a dataset, each with ``targets`` (target -> category index, -1 when
+    empty) and ``record_index`` (the row's position in the cohort)."""
+
+    def __init__(self, dataset: Dataset, positions: list[int], extra: list[dict]) -> None:
+        self.dataset, self.positions, self.extra = dataset, positions, extra
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.dataset[self.positions[i]], **self.extra[i]}
+
+
+class ClassificationData(CohortDataModule):
+    """The cohort data module plus target encoding from the training rows.
+
+    After ``setup``: ``classes`` (target -> categories of the training rows, or the given
+    ones), ``train_rows`` (the rows that train, after ``label_fraction``) and every split's
+    items carrying ``targets`` and ``record_index``.
+
+    Args:
+        cls_targets: target columns (one head each).
+        label_fraction: fraction of the training rows used (stratified by the first target).
+        seed: seed of the label subset.
+        classes: known encodings (e.g. from a checkpoint) instead of the training rows'.
+        Other arguments: see ``CohortDataModule``.
+    """
+
+    def __init__(self, csv_path: str | Path, splits: Mapping[str, Any], settings: Preprocessing,
+                 cls_targets: Sequence[str], augment: Mapping[str, Sequence] | None = None,
+                 batch_size: int = 2, eval_batch_size: int | None = None, n_workers: int = 0,
+                 cache: str = "none", cache_dir: str | Path | None = None,
+                 reset_cache: bool = False, label_fraction: float = 1.0, seed: int = 0,
+                 classes: Mapping[str, Sequence[str]] | None = None) -> None:
+        if not cls_targets:
+            raise ValueError("cls_targets must name at least one target column")
+        if not 0 < label_fraction <= 1:
+            raise ValueError(f"label_fraction must be in (0, 1], got {label_fraction}")
+        # Targets are encoded here, not by the cohort reader: classes come from the training
+        # rows only, and empty cells are allowed (masked loss).
+        super().__init__(csv_path, "classification", splits=splits, settings=settings,
+                         augment=augment, batch_size=batch_size, eval_batch_size=eval_batch_size,
+                         n_workers=n_workers, cache=cache, cache_dir=cache_dir,
+                         reset_cache=reset_cache, seed=seed)
+        self.cls_targets, self.label_fraction = list(cls_targets), label_fraction
+        self.given_classes = None if classes is None else {k: list(v) for k, v in classes.items()}
+        self.classes: dict[str, list[str]] = {}
+        self.train_rows: list[dict] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if self.classes:
+            return
+        cohort = self.cohort
+        absent = [t for t in self.cls_targets if t not in cohort.records[0]]
+        if absent:
+            raise CohortError(f"{cohort.csv_path}: cls_targets {absent} are not columns of the "
+                              f"CSV (columns: {[c for c in cohort.records[0] if c != 'row']})")
+        train = cohort.select(self.splits.get("train"))
+        self.classes = self.given_classes or {
+            t: category_order(r[t] for r in train if not is_missing(r[t]))
+            for t in self.cls_targets}
+        self._check_categories(cohort)
+        self.train_rows = label_subset(train, self.label_fraction, self.cls_targets[0],
+                                       self.seed)
+        self._log_counts()
+        index = {r["row"]: k for k, r in enumerate(cohort.records)}
+        keep = {r["row"] for r in self.train_rows}
+        for name, dataset in list(self.datasets.items()):
+            rows = [item["row"] for item in dataset.data]
+            positions = [i for i, row in enumerate(rows) if name != "train" or row in keep]
+            extra = [{"targets": self.encode(cohort.records[index[rows[i]]]),
+                      "record_index": index[rows[i]]} for i in positions]
+            self.datasets[name] = _Encoded(dataset, positions, extra)
+
+    def encode(self, record: Mapping) -> dict[str, int]:
+        """Category index per target; -1 for an empty value."""
+        return {t: -1 if is_missing(record[t]) else self.classes[t].index(record[t])
+                for t in self.cls_targets}
+
+    def _check_categories(self, cohort: Any) -> None:
+        """Every val/test (and, with given classes, training) value must be a known class."""
+        problems = []
+        for name, folds in self.splits.items():
+            if name == "train" and self.given_classes is None:
+                continue
+            for r in cohort.select(folds):
+                problems += [
+                    f"{r['row']}: {t}='{r[t]}' in the {name} folds was never seen in the "
+                    f"training rows (categories {self.classes[t]})"
+                    for t in self.cls_targets
+                    if not is_missing(r[t]) and r[t] not in self.classes[t]]
+        if problems:
+            more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(
+                problems) > MAX_LISTED else ""
+            raise CohortError(f"{cohort.csv_path}: {len(problems)} unknown categor"
+                              f"{'y' if len(problems) == 1 else 'ies'}:\n  "
+                              + "\n  ".join(problems[:MAX_LISTED]) + more)
+
+    def _log_counts(self) -> None:
+        n = len(self.train_rows)
+        if self.label_fraction < 1:
+            log.info("label_fraction=%g: %d training rows (seed %d, stratified by %s)",
+                     self.label_fraction, n, self.seed, self.cls_targets[0])
+        for t in self.cls_targets:
+            empty = sum(is_missing(r[t]) for r in self.train_rows)
+            if empty:
+                log.info("%s: %d of %d training rows have no value: they train the other "
+                         "targets only (masked loss)", t, empty, n)
+        unused = sum(all(is_missing(r[t]) for t in self.cls_targets) for r in self.train_rows)
+        if unused:
+            log.warning("%d training rows have no value for any of %s: they train nothing",
+                        unused, self.cls_targets)
+
+    def train_labels(self) -> dict[str, np.ndarray]:
+        """Category indices of the training rows per target (-1 for empty)."""
+        codes = [self.encode(r) for r in self.train_rows]
+        return {t: np.array([c[t] for c in codes]) for t in self.cls_targets}
+
+
+def balanced_weights(labels: Mapping[str, np.ndarray], classes: Mapping[str, Sequence[str]]
+                     ) -> dict[str, list[float]]:
+    """sklearn's "balanced" class weights, n / (n_classes * count), per target."""
+    out = {}
+    for target, names in classes.items():
+        y = labels[target][labels[target] >= 0]
+        absent = [names[c] for c in range(len(names)) if c not in set(y.tolist())]
+        if absent:
+            raise ValueError(f"class_weights=balanced: {target} classes {absent} have no "
+                             "training row (label_fraction too small?); use class_weights=none")
+        out[target] = compute_class_weight("balanced", classes=np.arange(len(names)),
+                                           y=y).tolist()
+    return out
+
+
+def _plain_json(value: Any) -> Any:
+    return json.loads(json.dumps(value))  # tuples -> lists, as stored in files
+
+
+def stored_backbone_config(checkpoint: Mapping) -> dict | None:
+    """The backbone config inside our export or Lightning checkpoint (None: not recorded)."""
+    config = checkpoint.get("backbone_config")
+    hparams = checkpoint.get("hyper_parameters")
+    if isinstance(hparams, Mapping) and isinstance(hparams.get("backbone_config"), Mapping):
+        config = hparams["backbone_config"]
+    return dict(config) if isinstance(config, Mapping) else None
+
+
+def check_backbone_config(what: str, stored: Mapping, configured: Mapping) -> None:
+    """Raise a ValueError naming the backbone keys in which ``stored`` (a file's config)
+    differs from ``configured``, when the difference changes the network's parameters.
+
+    Keys that change no parameter (dropout, gradient checkpointing) may differ: the two
+    networks are built and their parameter names and shapes compared (only when some key
+    differs).
+    """
+    stored, configured = _plain_json(dict(stored)), _plain_json(dict(configured))
+    differ = sorted(k for k in stored if stored[k] != configured.get(k))
+    if not differ:
+        return
+    try:
+        shapes = [{k: v.shape for k, v in build_backbone(**c).state_dict().items()}
+                  for c in (stored, configured)]
+        same = shapes[0] == shapes[1]
+    except (TypeError, ValueError):
+        same = False
+    listed = "; ".join(f"backbone.{k}: {stored.get(k)!r} in the file, {configured.get(k)!r} "
+                       "configured" for k in differ)
+    if same:
+        log.info("%s: backbone settings differ without changing parameters (%s)", what, listed)
+        return
+    fix = " ".join(f"backbone.{k}={json.dumps(stored[k]).replace(' ', '')}" for k in differ
+                   if k in stored)
+    raise ValueError(f"{what} holds a backbone built with other settings: {listed}. Configure "
+                     f"the file's backbone, e.g. `{fix}` (a ViT interpolates its position "
+                     "embeddings, so resize_to may still differ from img_size)")
+
+
+def _read(path: str | Path, trust: bool) -> Mapping:
+    return torch.load(path, map_location="cpu", weights_only=not trust)
+
+
+class ClassificationTask(Task):
+    name = "classification"
+    export_attr = "backbone"
+    init_attr = "backbone"
+    has_test = True
+
+    def build_data(self, cfg: DictConfig) -> ClassificationData:
+        classes = None
+        if cfg.test_ckpt is not None:  # evaluate with the checkpoint's encoding
+            hparams = _read(cfg.test_ckpt, cfg.trust_checkpoint).get("hyper_parameters", {})
+            classes = hparams.get("classes")
+            if classes is None:
+                raise ValueError(f"test_ckpt={cfg.test_ckpt} is not a classification "
+                                 "checkpoint of ours (no class encoding in its hyper_parameters)")
+        look_up_option(cfg.train_mode, ("finetune", "linear"))
+        augment = {}
+        if cfg.aug and cfg.train_mode == "linear":
+            log.info("train_mode=linear: no augmentation (each row's features are computed once)")
+        elif cfg.aug:
+            augment["train"] = augmentations(**kwargs_for(augmentations, cfg))
+        splits = {"train": plain(cfg.train_folds), "val": plain(cfg.val_folds) or None,
+                  "test": plain(cfg.test_folds) or None}
+        return ClassificationData(**kwargs_for(
+            ClassificationData, cfg, splits=splits, settings=preprocessing(cfg), augment=augment,
+            seed=0 if cfg.seed is None else cfg.seed, classes=classes))
+
+    def build_module(self, cfg: DictConfig, data: ClassificationData) -> Classifier:
+        look_up_option(cfg.class_weights, CLASS_WEIGHTS)
+        weights = None
+        if cfg.class_weights == "balanced" and cfg.test_ckpt is None:
+            weights = balanced_weights(data.train_labels(), data.classes)
+        module = Classifier(**kwargs_for(Classifier, cfg, backbone_config=plain(cfg.backbone),
+                                         classes=data.classes, class_weights=weights))
+        module.backbone.check_input_size(plain(cfg.resize_to), "resize_to")
+        checkpoint = cfg.test_ckpt or resume_checkpoint(cfg, weight_source(cfg))
+        if checkpoint is not None:
+            self._check_checkpoint(checkpoint, cfg, module)
+        return module
+
+    @staticmethod
+    def _check_checkpoint(path: str | Path, cfg: DictConfig, module: Classifier) -> None:
+        """A checkpoint to resume or test must match the configured backbone and classes."""
+        hparams = _read(path, cfg.trust_checkpoint).get("hyper_parameters", {})
+        stored = stored_backbone_config({"hyper_parameters": hparams})
+        if stored is not None:
+            check_backbone_config(str(path), stored, module.backbone.config)
+        classes = hparams.get("classes")
+        if classes is not None and _plain_json(classes) != _plain_json(module.hparams.classes):
+            raise ValueError(f"{path} was trained with classes {classes}, but the training rows "
+                             f"of this CSV give {dict(module.hparams.classes)}")
+
+    def load_pretrained(self, module: L.LightningModule, source: WeightSource) -> LoadReport:
+        """Check the file's recorded backbone config first, then load its backbone weights
+        (our export, DINO's teacher, MAE's encoder, SuPreM; see ``load_weights``)."""
+        stored = stored_backbone_config(_read(source.path, trust=False))
+        if stored is not None:
+            check_backbone_config(f"{source.key}={source.path}", stored, module.backbone.config)
+        return super().load_pretrained(module, source)
+
+    def callbacks(self, cfg: DictConfig, data: ClassificationData) -> list[L.Callback]:
+        callbacks: list[L.Callback] = [ClassificationReport(
+            run_dir(cfg), data, n_resamples=cfg.bootstrap_resamples,
+            seed=0 if cfg.seed is None else cfg.seed,
+            extra={"label_fraction": cfg.label_fraction, "train_mode": cfg.train_mode})]
+        if cfg.patience is not None and cfg.val_folds:
+            callbacks.append(EarlyStopping(monitor=cfg.monitor, mode=cfg.monitor_mode,
+                                           patience=cfg.patience, check_finite=False))
+        return callbacks
+
+
+class ClassificationReport(L.Callback):
+    """Writes the training-row record at fit start and the test report after testing:
+    predictions.csv, metrics.json, ROC and confusion PNGs (also to TensorBoard)."""
+
+    def __init__(self, out_dir: Path, data: ClassificationData, n_resamples: int, seed: int,
+                 extra: Mapping) -> None:
+        self.out_dir, self.data = Path(out_dir), data
+        self.n_resamples, self.seed, self.extra = n_resamples, seed, dict(extra)
+
+    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            pd.DataFrame([{"PatientID": r["PatientID"], "row": r["row"]}
+                          for r in self.data.train_rows]).to_csv(
+                self.out_dir / "train_rows.csv", index=False)
+
+    def on_test_end(self, trainer: L.Trainer, module: Classifier) -> None:
+        results = module.test_results
+        if not trainer.is_global_zero or results is None:
+            return
+        records = self.data.cohort.records
+        extra = self.extra | {"n_train_rows": len(self.data.train_rows),
+                              "checkpoint": str(trainer.ckpt_path or "")}
+        report, figures = classification_report(
+            self.out_dir, [records[i]["PatientID"] for i in results["index"]],
+            results["labels"], results["probs"], module.hparams.classes, self.n_resamples,
+            self.seed, extra)
+        for logger in trainer.loggers:
+            if hasattr(getattr(logger, "experiment", None), "add_figure"):
+                for name, fig in figures.items():
+                    logger.experiment.add_figure(f"test/{name}", fig, trainer.global_step)
+        mean = report["mean"]
+        log.info("Test: AUC %.3f, accuracy %.3f, balanced accuracy %.3f (%d subjects); "
+                 "report in %s", mean["auc"], mean["acc"], mean["bacc"], report["n_subjects"],
+                 self.out_dir)
+
+
+TASK = ClassificationTask()

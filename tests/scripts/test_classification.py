@@ -1,0 +1,365 @@
+"""Classification fine-tuning end to end on the tiny demo cohort (CPU)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from omegaconf import DictConfig, open_dict
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from medssl.data.table import CohortError
+from medssl.models.backbones import UNet3DEncoder, build_backbone
+from medssl.models.weights import save_backbone
+from medssl.run import run
+from medssl.run.classification import check_backbone_config, label_subset
+from medssl.run.config import plain
+from tests.conftest import REPO, compose
+
+SCRIPT = REPO / "downstream" / "classification.py"
+# Tiny demo: folds 0-2 train (6 subjects), 3 and 4 (one subject of each class of both
+# targets) validate and test.
+TINY_CLS = [
+    "resize_to=[16,32,32]", "backbone.patch_size=[4,8,8]", "backbone.hidden_size=32",
+    "backbone.mlp_dim=64", "backbone.num_layers=1", "backbone.num_heads=2", "batch_size=2",
+    "n_epochs=1", "cache=memory", "accelerator=cpu", "devices=1", "progress_bar=false",
+    "val_folds=[3,4]", "test_folds=[3,4]", "bootstrap_resamples=50", "warmup_epochs=0",
+]
+
+
+def _set(cfg: DictConfig, **values: object) -> DictConfig:
+    with open_dict(cfg):
+        for key, value in values.items():
+            cfg[key] = value
+    return cfg
+
+
+@pytest.fixture
+def cls_cfg(demo, tmp_path: Path) -> DictConfig:
+    return compose("classification", [f"csv_path={demo.classification_csv}",
+                                      f"results_dir={tmp_path / 'results'}", *TINY_CLS])
+
+
+def _csv(demo, name: str, change) -> Path:
+    df = pd.read_csv(demo.classification_csv, dtype=str, keep_default_na=False)
+    change(df)
+    path = demo.root / name
+    df.to_csv(path, index=False)
+    return path
+
+
+def test_readme_commands_compose() -> None:
+    out = subprocess.run([sys.executable, str(SCRIPT), "dino_weights=x.pt", "train_mode=linear",
+                          "label_fraction=0.1", "--cfg", "job"], capture_output=True, text=True,
+                         check=True, cwd=REPO).stdout
+    assert re.search(r"^train_mode: linear$", out, re.M)
+    assert re.search(r"^label_fraction: 0\.1$", out, re.M)
+    cfg = compose("classification", ["resize_to=[32,32,32]"])
+    assert plain(cfg.backbone.img_size) == [32, 32, 32]  # the ViT grid follows resize_to
+
+
+def test_fit_then_test_writes_the_report(cls_cfg: DictConfig, demo) -> None:
+    _set(cls_cfg, n_epochs=2, experiment="fit")
+    trainer = run(cls_cfg)
+    out = Path(cls_cfg.results_dir) / "fit"
+    for tag in ("val/auc", "val/acc", "val/bacc", "val/V00COHORT/auc", "val/P02SEX/bacc",
+                "train/loss", "val/loss", "train/lr"):
+        assert tag in trainer.callback_metrics or tag in _scalars(out), tag
+    predictions = pd.read_csv(out / "predictions.csv", dtype=str, keep_default_na=False)
+    csv = pd.read_csv(demo.classification_csv, dtype=str)
+    test = csv[csv.fold.isin(["3", "4"])]
+    assert sorted(predictions.PatientID) == sorted(test.PatientID)
+    for target, classes in trainer.lightning_module.hparams.classes.items():
+        probs = predictions[[f"{target}_prob_{c}" for c in classes]].astype(float)
+        assert probs.sum(axis=1).tolist() == pytest.approx([1.0] * len(test))
+        truth = dict(zip(test.PatientID, test[target], strict=True))
+        assert predictions[target].tolist() == [truth[p] for p in predictions.PatientID]
+        assert set(predictions[f"{target}_pred"]) <= set(classes)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["targets"]) == {"V00COHORT", "P02SEX"}
+    low, high = metrics["targets"]["P02SEX"]["auc_ci95"]
+    assert low is None or low <= metrics["targets"]["P02SEX"]["auc"] <= high
+    assert metrics["n_subjects"] == 2 and metrics["label_fraction"] == 1.0
+    assert (out / "roc_P02SEX.png").is_file() and (out / "confusion_V00COHORT.png").is_file()
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert "test/roc_P02SEX" in events.Tags()["images"]
+    # The encoding travels with the checkpoint.
+    best = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert best["hyper_parameters"]["classes"]["P02SEX"] == ["1: Male", "2: Female"]
+
+
+def _scalars(out: Path) -> set[str]:
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    return set(events.Tags()["scalars"])
+
+
+def test_training_beats_chance(cls_cfg: DictConfig) -> None:
+    """Bone size (P02SEX) is visible at 16x32x32: 8 epochs separate the training rows."""
+    _set(cls_cfg, n_epochs=8, lr=3e-3, backbone_lr_scale=1.0, aug=False,
+         val_folds=[0, 1, 2], test_folds=[0, 1, 2], cls_targets=["P02SEX"], experiment="learn")
+    trainer = run(cls_cfg)
+    assert trainer.callback_metrics["test/auc"] > 0.8
+
+
+def test_test_ckpt_evaluates_only(cls_cfg: DictConfig) -> None:
+    _set(cls_cfg, experiment="train")
+    run(cls_cfg)
+    ckpt = Path(cls_cfg.results_dir) / "train" / "checkpoints" / "last.ckpt"
+    _set(cls_cfg, experiment="evaluate", test_ckpt=str(ckpt), test_folds=[3])
+    trainer = run(cls_cfg)
+    out = Path(cls_cfg.results_dir) / "evaluate"
+    assert trainer.global_step == 0 and not (out / "checkpoints").exists()
+    assert len(pd.read_csv(out / "predictions.csv")) == 1
+    assert json.loads((out / "metrics.json").read_text())["checkpoint"] == str(ckpt)
+    # Side by side: `medssl-compare RUN_DIR ...`.
+    table = subprocess.run([sys.executable, "-m", "medssl.run.compare",
+                            str(out.parent / "train"), str(out)], capture_output=True,
+                           text=True, check=True, cwd=REPO).stdout.splitlines()
+    trained = json.loads((out.parent / "train" / "metrics.json").read_text())
+    assert table[0].split()[:4] == ["run", "AUC", "BACC", "ACC"]
+    assert table[1].split()[0] == "train" and table[1].split()[3] == \
+        f"{trained['mean']['acc']:.3f}"
+    assert table[2].startswith("evaluate ")
+
+
+def test_weight_sources_exclude_each_other(cls_cfg: DictConfig, tmp_path: Path) -> None:
+    _set(cls_cfg, dino_weights=str(tmp_path / "a.pt"), test_ckpt=str(tmp_path / "b.ckpt"))
+    with pytest.raises(ValueError, match="at most one weight source.*dino_weights, test_ckpt"):
+        run(cls_cfg)
+
+
+def test_dino_and_mae_files_load_the_whole_encoder(cls_cfg: DictConfig, tmp_path: Path,
+                                                           caplog) -> None:
+    teacher = build_backbone(**plain(cls_cfg.backbone))
+    student = build_backbone(**plain(cls_cfg.backbone))
+    save_backbone(tmp_path / "backbone.pt", teacher)
+    n = len(teacher.state_dict())
+    _set(cls_cfg, dino_weights=str(tmp_path / "backbone.pt"), experiment="export", lr=1e-12,
+         min_lr=0.0, trainer={"fast_dev_run": 1})
+    with caplog.at_level("INFO"):
+        trainer = run(cls_cfg)
+    assert f"dino_weights: loaded {n}/{n} keys" in caplog.text
+    assert "missing: []; unexpected: []; shape mismatches: []" in caplog.text
+    loaded = trainer.lightning_module.backbone.state_dict()
+    assert all(torch.allclose(v, loaded[k], atol=1e-6) for k, v in teacher.state_dict().items())
+    # A DINO Lightning checkpoint: the teacher is picked, not the student.
+    torch.save({"pytorch-lightning_version": "2.6.6", "state_dict": {
+        **{f"student_backbone.{k}": v for k, v in student.state_dict().items()},
+        **{f"teacher_backbone.{k}": v for k, v in teacher.state_dict().items()}},
+        "hyper_parameters": {"backbone_config": teacher.config}}, tmp_path / "dino.ckpt")
+    _set(cls_cfg, dino_weights=str(tmp_path / "dino.ckpt"), experiment="ckpt")
+    loaded = run(cls_cfg).lightning_module.backbone.state_dict()
+    assert all(torch.allclose(v, loaded[k], atol=1e-6) for k, v in teacher.state_dict().items())
+    # An MAE Lightning checkpoint: the encoder is picked, the decoder left out.
+    torch.save({"pytorch-lightning_version": "2.6.6", "state_dict": {
+        **{f"encoder.{k}": v for k, v in student.state_dict().items()},
+        "decoder.proj.weight": torch.zeros(4, 32)},
+        "hyper_parameters": {"backbone_config": student.config}}, tmp_path / "mae.ckpt")
+    _set(cls_cfg, dino_weights=None, mae_weights=str(tmp_path / "mae.ckpt"), experiment="mae")
+    loaded = run(cls_cfg).lightning_module.backbone.state_dict()
+    assert all(torch.allclose(v, loaded[k], atol=1e-6) for k, v in student.state_dict().items())
+
+
+def test_suprem_file_loads_the_unet3d_encoder(cls_cfg: DictConfig, tmp_path: Path,
+                                              caplog) -> None:
+    source = UNet3DEncoder()
+    torch.save({"net": {f"module.backbone.{k}": v for k, v in source.state_dict().items()}},
+               tmp_path / "suprem.pth")
+    _set(cls_cfg, suprem_weights=str(tmp_path / "suprem.pth"), experiment="suprem",
+         trainer={"fast_dev_run": 1}, lr=1e-12, min_lr=0.0,
+         backbone={"name": "unet3d", "spatial_dims": 3, "in_channels": 1, "act": "relu"})
+    with caplog.at_level("INFO"):
+        trainer = run(cls_cfg)
+    n = len(source.state_dict())
+    assert f"suprem_weights: loaded {n}/{n} keys" in caplog.text
+    conv = "down_tr64.ops.0.conv1.weight"
+    assert torch.allclose(trainer.lightning_module.backbone.state_dict()[conv],
+                          source.state_dict()[conv], atol=1e-6)
+
+
+def test_wrong_weight_files_fail_clearly(cls_cfg: DictConfig, tmp_path: Path) -> None:
+    torch.save({"net": {"something.else": torch.zeros(3)}}, tmp_path / "other.pth")
+    _set(cls_cfg, mae_weights=str(tmp_path / "other.pth"))
+    with pytest.raises(ValueError, match="no checkpoint key matched the model"):
+        run(cls_cfg)
+    other = dict(plain(cls_cfg.backbone), patch_size=[8, 8, 8], hidden_size=64)
+    save_backbone(tmp_path / "vit8.pt", build_backbone(**other))
+    _set(cls_cfg, mae_weights=None, dino_weights=str(tmp_path / "vit8.pt"))
+    with pytest.raises(ValueError, match=r"backbone.hidden_size: 64 in the file, 32 configured; "
+                       r"backbone.patch_size: \[8, 8, 8\] in the file, \[4, 8, 8\] configured"):
+        run(cls_cfg)
+
+
+def test_unseen_category_names_the_row(cls_cfg: DictConfig, demo) -> None:
+    def change(df: pd.DataFrame) -> None:
+        df.loc[df.PatientID == "DEMO004", "V00COHORT"] = "2: Incidence"
+
+    _set(cls_cfg, csv_path=str(_csv(demo, "unseen.csv", change)), val_folds=[4],
+         test_folds=[3])
+    with pytest.raises(CohortError, match=r"unseen.csv line 5 \(PatientID DEMO004\): "
+                       r"V00COHORT='2: Incidence' in the test folds was never seen in the "
+                       r"training rows \(categories \['1: Progression', '3: Non-exposed"):
+        run(cls_cfg)
+
+
+def test_empty_targets_train_the_other_target(cls_cfg: DictConfig, demo, caplog) -> None:
+    def change(df: pd.DataFrame) -> None:
+        df.loc[df.PatientID.isin(["DEMO001", "DEMO002"]), "P02SEX"] = ""
+        df.loc[df.PatientID == "DEMO004", "V00COHORT"] = ""
+
+    _set(cls_cfg, csv_path=str(_csv(demo, "partial.csv", change)), experiment="partial")
+    with caplog.at_level("INFO"):
+        trainer = run(cls_cfg)
+    assert "P02SEX: 2 of 6 training rows have no value" in caplog.text
+    assert trainer.global_step == 3  # all 6 training rows train: 3 batches of 2
+    predictions = pd.read_csv(Path(cls_cfg.results_dir) / "partial" / "predictions.csv",
+                              dtype=str, keep_default_na=False)
+    assert predictions.set_index("PatientID").loc["DEMO004", "V00COHORT"] == ""
+
+
+def test_label_fraction_keeps_class_proportions() -> None:
+    rows = [{"row": str(i), "y": "a" if i % 4 else "b"} for i in range(400)]  # 25% "b"
+    subsets = [label_subset(rows, 0.1, "y", seed) for seed in (0, 1)]
+    for subset in subsets:
+        assert len(subset) == 40 and Counter(r["y"] for r in subset) == {"a": 30, "b": 10}
+        assert [int(r["row"]) for r in subset] == sorted(int(r["row"]) for r in subset)
+    assert subsets[0] != subsets[1]
+    assert label_subset(rows, 0.1, "y", 0) == subsets[0]
+    with pytest.raises(ValueError, match="label_fraction"):
+        label_subset(rows, 0.0, "y", 0)
+
+
+def test_label_fraction_is_recorded(cls_cfg: DictConfig) -> None:
+    _set(cls_cfg, label_fraction=0.67, experiment="fraction", cls_targets=["P02SEX"])
+    trainer = run(cls_cfg)
+    out = Path(cls_cfg.results_dir) / "fraction"
+    rows = pd.read_csv(out / "train_rows.csv")
+    assert len(rows) == 4 and trainer.global_step == 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["label_fraction"] == 0.67 and metrics["n_train_rows"] == 4
+
+
+def test_linear_mode_keeps_the_backbone(cls_cfg: DictConfig, tmp_path: Path) -> None:
+    backbone = build_backbone(**plain(cls_cfg.backbone))
+    save_backbone(tmp_path / "backbone.pt", backbone)
+    _set(cls_cfg, dino_weights=str(tmp_path / "backbone.pt"), train_mode="linear", n_epochs=2,
+         experiment="linear")
+    trainer = run(cls_cfg)
+    trained = trainer.lightning_module.backbone.state_dict()
+    assert all(torch.allclose(v, trained[k], atol=1e-6)
+               for k, v in backbone.state_dict().items())
+    assert trainer.callback_metrics["test/auc"] >= 0
+
+
+def test_resume_from_last_checkpoint(cls_cfg: DictConfig) -> None:
+    _set(cls_cfg, experiment="resume", n_epochs=1)
+    run(cls_cfg)
+    last = Path(cls_cfg.results_dir) / "resume" / "checkpoints" / "last.ckpt"
+    first = torch.load(last, weights_only=True)
+    assert first["epoch"] == 0 and first["global_step"] == 3
+    _set(cls_cfg, n_epochs=2)
+    trainer = run(cls_cfg)  # the same command, one more epoch: resumes from last.ckpt
+    assert trainer.global_step == 6 and trainer.current_epoch == 2
+    second = torch.load(last, weights_only=True)
+    assert second["epoch"] == 1
+    assert any(not torch.equal(v, second["state_dict"][k])
+               for k, v in first["state_dict"].items())
+
+
+def test_resume_with_other_classes_fails(cls_cfg: DictConfig) -> None:
+    _set(cls_cfg, experiment="classes", cls_targets=["P02SEX"])
+    run(cls_cfg)
+    _set(cls_cfg, cls_targets=["V00COHORT"], n_epochs=2)
+    with pytest.raises(ValueError, match="was trained with classes"):
+        run(cls_cfg)
+
+
+def test_debug_fast_dev_run(cls_cfg: DictConfig) -> None:
+    _set(cls_cfg, experiment="fdr", trainer={"fast_dev_run": 1})
+    trainer = run(cls_cfg)
+    assert trainer.global_step == 1
+
+
+def _fake_medmnist(path: Path) -> None:
+    """A MedMNIST-3D-like file: 28^3 uint8 masks, label 1 = a small sphere, 0 = a large one."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    grid = np.stack(np.meshgrid(*[np.arange(28)] * 3, indexing="ij"))
+    arrays = {}
+    for split, n in (("train", 16), ("val", 8), ("test", 8)):
+        labels = np.arange(n) % 2
+        images = np.zeros((n, 28, 28, 28), np.uint8)
+        for i, label in enumerate(labels):
+            centre = 14 + rng.normal(0, 1.5, 3)[:, None, None, None]
+            radius = (6 if label else 9) + rng.uniform(-1, 1)
+            images[i][((grid - centre) ** 2).sum(0) < radius**2] = 255
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels[:, None]
+    np.savez(path, **arrays)
+
+
+def test_medmnist_benchmark_quick(tmp_path: Path) -> None:
+    pytest.importorskip("medssl.data.medmnist", reason="needs medssl-from-medmnist (dinom)")
+    _fake_medmnist(tmp_path / "fake3d.npz")
+    tiny = ["backbone.hidden_size=32", "backbone.mlp_dim=64", "backbone.num_layers=1",
+            "backbone.num_heads=2", "batch_size=4", "accelerator=cpu", "devices=1"]
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "medmnist.py"), "--quick", "--npz",
+         str(tmp_path / "fake3d.npz"), "--out", str(tmp_path / "bench"), "--fractions", "0.5",
+         "--set", *tiny, "--dino-set", "out_dim=64", "hidden_dim=32", "bottleneck_dim=16",
+         "n_crops=4", "knn_k=3"], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = json.loads((tmp_path / "bench" / "runs.json").read_text())["runs"]
+    assert sorted(r["arm"] for r in runs) == ["dino-finetune", "dino-linear", "scratch"]
+    assert all(0 <= r["auc"] <= 1 and r["seconds"] > 0 for r in runs)
+    for r in runs:  # half of the 16 training rows, stratified
+        folder = tmp_path / "bench" / "runs" / f"{r['arm']}_f0.5_s0"
+        assert len(pd.read_csv(folder / "train_rows.csv")) == 8
+    summary = (tmp_path / "bench" / "summary.md").read_text()
+    assert summary.count("| 0.5 |") == 3 and "quick mode" in summary
+
+
+def test_backbone_settings_without_parameters_may_differ(caplog) -> None:
+    vit = {"name": "vit", "img_size": [16, 32, 32], "patch_size": [4, 8, 8], "hidden_size": 32,
+           "mlp_dim": 64, "num_layers": 1, "num_heads": 2, "dropout_rate": 0.0}
+    with caplog.at_level("INFO"):
+        check_backbone_config("export.pt", dict(vit, dropout_rate=0.1), vit)
+    assert "backbone.dropout_rate: 0.1 in the file, 0.0 configured" in caplog.text
+    with pytest.raises(ValueError, match=r"backbone.img_size: \[16, 16, 16\] in the file"):
+        check_backbone_config("export.pt", dict(vit, img_size=[16, 16, 16]), vit)
+
+
+def test_patience_stops_early(cls_cfg: DictConfig) -> None:
+    # No learning (lr ~ 0): the validation AUC never improves after the first epoch.
+    _set(cls_cfg, n_epochs=6, patience=2, lr=1e-12, min_lr=0.0, experiment="patience",
+         test_folds=[])
+    trainer = run(cls_cfg)
+    assert trainer.current_epoch == 3 and trainer.global_step == 9
+
+
+def test_ddp_on_two_cpu_processes(demo, tmp_path: Path) -> None:
+    """Lightning DDP (gloo): predictions gathered from both ranks once each, head-only first
+    epoch included."""
+    tiny = [o for o in TINY_CLS if not o.startswith(("devices=", "test_folds="))]
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *tiny, "devices=2", "n_epochs=2", "test_folds=[0,3]",
+         "freeze_backbone_epochs=1", f"results_dir={tmp_path}",
+         f"csv_path={demo.classification_csv}"],
+        capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # 6 training rows over 2 ranks: 3 each, batch 2 -> 1 step per epoch on every rank.
+    checkpoint = torch.load(tmp_path / "cls_demo" / "checkpoints" / "last.ckpt",
+                            weights_only=True)
+    assert checkpoint["global_step"] == 2
+    predictions = pd.read_csv(tmp_path / "cls_demo" / "predictions.csv")
+    # 3 test rows, padded to 4 by the distributed sampler: each subject once in the report.
+    assert sorted(predictions.PatientID) == ["DEMO001", "DEMO004", "DEMO006"]

@@ -1,0 +1,59 @@
+"""Classification and segmentation under Lightning DDP: 2 CPU processes (gloo), tiny sizes.
+
+Each run must finish and write one set of outputs, as a single-process run does: one
+``metrics.json``, one ``backbone.pt``, TensorBoard events from one process only, one
+``last.ckpt``; rank 1 writes nothing of its own. (DINO's DDP test is in tests/scripts/test_dino.py.)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from medssl.models.weights import load_backbone
+from tests.conftest import REPO
+from tests.scripts.test_classification import TINY_CLS
+from tests.scripts.test_segmentation import TINY_SEG
+
+CASES = [
+    # Validation and test folds must differ (the cohort check refuses a fold in both).
+    pytest.param("downstream/classification.py", "cls_demo", "classification_csv",
+                 [*(o for o in TINY_CLS if not o.startswith(("devices=", "val_folds=",
+                                                             "test_folds="))),
+                  "val_folds=[4]", "test_folds=[3]"], id="classification"),
+    pytest.param("downstream/segmentation.py", "seg_demo", "segmentation_csv",
+                 [o for o in TINY_SEG if not o.startswith("devices=")], id="segmentation"),
+]
+
+
+@pytest.mark.parametrize(("script", "experiment", "csv", "tiny"), CASES)
+def test_two_cpu_processes_write_one_set_of_outputs(demo, tmp_path: Path, script: str,
+                                                    experiment: str, csv: str,
+                                                    tiny: list[str]) -> None:
+    result = subprocess.run(
+        [sys.executable, str(REPO / script), *tiny, "devices=2", "n_epochs=1",
+         f"results_dir={tmp_path}", f"csv_path={getattr(demo, csv)}"],
+        capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / experiment
+    assert [p.name for p in tmp_path.iterdir()] == [experiment]  # one run folder
+    metrics = list(out.rglob("metrics.json"))
+    assert len(metrics) == 1, metrics
+    assert json.loads(metrics[0].read_text())  # a complete, parseable report
+    assert [p.relative_to(out) for p in out.rglob("backbone.pt")] == [Path("backbone.pt")]
+    _, report = load_backbone(out / "backbone.pt")
+    assert report.complete
+    # events.out.tfevents.<time>.<host>.<pid>.<n>: every event file from one process (rank 0
+    # may open more than one writer; no other rank may write any).
+    events = list(out.rglob("events.out.tfevents*"))
+    assert events and len({e.name.split(".")[-2] for e in events}) == 1, events
+    checkpoints = list(out.rglob("last.ckpt"))
+    assert len(checkpoints) == 1, checkpoints
+    # Both ranks trained: the step count is the per-rank share of the training rows.
+    assert torch.load(checkpoints[0], weights_only=True)["global_step"] >= 1
+    assert "rank" not in " ".join(p.name for p in out.rglob("*"))
