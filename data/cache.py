@@ -9,7 +9,9 @@ keyed by the preprocessing settings.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
 import hashlib
 import json
 import logging
@@ -22,7 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from monai.data import Dataset, PersistentDataset
+from monai.data import Dataset, MetaTensor, PersistentDataset
 from monai.data.utils import pickle_hashing
 from monai.transforms import Compose, RandomizableTrait, Transform, apply_transform
 from monai.utils import look_up_option
@@ -47,8 +49,11 @@ CACHE_FORMAT = 2
 CACHED_KEYS = (IMAGE, LABEL, GEOMETRY)
 # The item fields preprocessing reads: items equal in these share one cached copy.
 INPUT_KEYS = (IMAGE, LABEL, "series", SLICE, SLICE_AXIS, "max_val")
-# Memory per cached entry beyond its voxels (tensor objects, metadata, geometry), bytes.
-ENTRY_OVERHEAD = 16 * 1024
+# Memory per cached entry beyond its voxels, bytes: tensor objects, metadata, geometry and
+# heap left fragmented between entries (measured 8-64 KiB for 64x64x32 volumes).
+ENTRY_OVERHEAD = 64 * 1024
+# The memory cache hands freed heap back to the system after every this many entries.
+TRIM_EVERY = 32
 # Share of the available memory the memory cache may fill; the rest stays for the model,
 # batches and loader workers.
 MEMORY_SHARE = 0.8
@@ -107,6 +112,10 @@ class _Dataset(_ClearErrors, Dataset):
 class _PersistentDataset(_ClearErrors, PersistentDataset):
     def _cachecheck(self, item_transformed: Mapping) -> dict:
         cached = super()._cachecheck(item_transformed)
+        # A freshly computed item holds MetaTensors, one read back from disk (track_meta=
+        # False) plain tensors; serve plain tensors always, or a batch mixing both (a file
+        # shared by rows, a run resumed within its first epoch) cannot be collated.
+        cached = {k: v.as_tensor() if isinstance(v, MetaTensor) else v for k, v in cached.items()}
         # Files are keyed by what preprocessing reads, so CSV-only fields (targets, fold,
         # row) of a cached copy may be stale: take those from the current item.
         live = {k: v for k, v in item_transformed.items() if k not in CACHED_KEYS}
@@ -124,7 +133,10 @@ def _cgroup_room(proc_cgroup: Path = Path("/proc/self/cgroup"),
         return None
     folders: list[tuple[Path, tuple[str, str, str]]] = []
     for line in lines:
-        _, controllers, rel = line.split(":", 2)
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, rel = parts
         if controllers == "":
             base, names = root, ("memory.max", "memory.current", "inactive_file")
         elif "memory" in controllers.split(","):
@@ -161,6 +173,17 @@ def available_memory() -> int:
     free = int(psutil.virtual_memory().available)
     room = _cgroup_room()
     return max(0, free if room is None else min(free, room))
+
+
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the system (glibc; elsewhere nothing happens).
+
+    Preprocessing frees large temporary buffers (the native volume, scaled copies) between
+    the small results it keeps; glibc keeps those holes, and a filled cache then held about
+    3x its volumes' size (1.5 MB per 512 KB entry, measured). Trimming keeps it near 1x.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _gib(n: float) -> str:
@@ -222,9 +245,13 @@ class MemoryCache:
                 new.setdefault(key, record)
         if new:
             self.check_fits(list(new.values()), len(records), infos)
+            todo = list(new.items())
             with ThreadPoolExecutor(max_workers=self.workers) as pool:
-                self.entries.update(zip(new, pool.map(self._preprocess, new.values()),
-                                             strict=True))
+                for start in range(0, len(todo), TRIM_EVERY):
+                    chunk = todo[start:start + TRIM_EVERY]
+                    done = pool.map(self._preprocess, [record for _, record in chunk])
+                    self.entries.update(zip([key for key, _ in chunk], done, strict=True))
+                    _trim_heap()
         return keys
 
     def _preprocess(self, record: dict) -> dict:

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from monai.data import list_data_collate
 
 from medssl.data import cache as data_cache
 from medssl.data import io as medssl_io
@@ -149,3 +150,17 @@ def test_memory_cache_keeps_per_row_max_val(demo: DemoPaths, tmp_path: Path) -> 
     for n, max_val in enumerate(df.max_val):
         np.testing.assert_allclose(datasets["train"][n]["image"].numpy(),
                                    np.clip(raw / max_val, 0, 1), atol=1e-6)
+
+
+def test_disk_cache_batches_mix_new_and_stored_items(demo: DemoPaths, tmp_path: Path) -> None:
+    """A batch holding an item computed now and one read back from disk (a file shared by
+    rows, or a run resumed within its first epoch) collates, equal to the uncached items."""
+    _repeated_csv(demo, tmp_path / "rep.csv", n_rows=8, n_files=2)
+    disk, _ = make_datasets(tmp_path / "rep.csv", "ssl", {"train": 0}, SMALL, cache="disk",
+                            cache_dir=tmp_path / "cache")
+    plain, _ = make_datasets(tmp_path / "rep.csv", "ssl", {"train": 0}, SMALL, validate=False)
+    fresh, stored = disk["train"][0], disk["train"][1]  # rows 0 and 2: one file
+    assert type(fresh["image"]) is type(stored["image"])
+    batch = list_data_collate([fresh, stored, disk["train"][2]])
+    for n, image in enumerate(batch["image"]):
+        assert torch.equal(image, plain["train"][n]["image"].as_tensor())
