@@ -83,7 +83,7 @@ def main() -> None:
     n_train = len(read_cohort(base.csv_path, "segmentation").select(list(base.train_folds)))
     dims_settings = {  # (overrides, what one item is)
         3: ["batch_size=2", "num_samples=2"],
-        2: ["spatial_dims=2", "backbone.patch_size=[16,16]", "global_crop_size=[64,64]",
+        2: ["spatial_dims=2", "backbone.patch_size=[16,16]",
             "patch_size=[64,64]", "batch_size=8", "num_samples=1", "sw_batch_size=32"],
     }
     results = []

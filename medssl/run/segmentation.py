@@ -59,7 +59,6 @@ class SegmentationConfig(RunConfig):
     intensity_shift: float = MISSING
     noise_std: float = MISSING
     decoder: dict[str, Any] = MISSING
-    global_crop_size: list[int] = MISSING
     loss: str = MISSING
     include_background: bool = MISSING
     softmax: bool = MISSING
@@ -105,7 +104,8 @@ class SegmentationData(CohortDataModule):
         if self.cohort is not None:
             return
         super().setup(stage)  # reads the CSV, checks files and grids of every selected row
-        rows = {r["row"]: r for folds in self.splits.values() for r in self.cohort.select(folds)}
+        rows = {r["row"]: r for name, folds in self.splits.items() if name in self.datasets
+                for r in self.cohort.select(folds)}
         check_label_values(list(rows.values()), self.num_classes, self.cohort.csv_path)
         if self.label_fraction < 1 and "train" in self.datasets:
             train = self.datasets["train"]
@@ -217,6 +217,15 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out | {"per_class": per_class}
 
 
+def backbone_config(cfg: DictConfig) -> dict[str, Any]:
+    """The encoder's ``build_backbone`` arguments: the ``backbone`` group without
+    ``img_size`` for families other than the ViT (the config sets it for every family)."""
+    config = plain(cfg.backbone)
+    if config["name"] != "vit":
+        config.pop("img_size", None)
+    return config
+
+
 class SegmentationTask(Task):
     name = "segmentation"
     export_attr = "network.encoder"
@@ -266,12 +275,8 @@ class SegmentationTask(Task):
             augment={"predict": self._whole_volume(cfg)}))
 
     def build_module(self, cfg: DictConfig, data: L.LightningDataModule) -> SegmentationModule:
-        backbone = plain(cfg.backbone)
-        if backbone["name"] == "vit" and list(cfg.global_crop_size) != list(cfg.patch_size):
-            log.info("ViT position embeddings laid out for global_crop_size %s are interpolated "
-                     "to patch_size %s", list(cfg.global_crop_size), list(cfg.patch_size))
         return SegmentationModule(**kwargs_for(SegmentationModule, cfg,
-                                               backbone_config=backbone))
+                                               backbone_config=backbone_config(cfg)))
 
     def load_pretrained(self, module: L.LightningModule, source: WeightSource) -> LoadReport:
         """Exports (DINO, MAE) start the encoder and must match every encoder key; SuPreM-style

@@ -31,7 +31,7 @@ from tests.conftest import REPO, compose
 
 SCRIPT = REPO / "downstream" / "segmentation.py"
 TINY_VIT = ["backbone.patch_size=[4,8,8]", "backbone.hidden_size=32", "backbone.mlp_dim=64",
-            "backbone.num_layers=2", "backbone.num_heads=2", "global_crop_size=[16,32,32]",
+            "backbone.num_layers=2", "backbone.num_heads=2", "backbone.img_size=[16,32,32]",
             "+decoder.feature_size=8"]
 # Patches of an eighth of a volume (16x32x32 RAS); validation and test slide over whole volumes
 # (no overlap: 8 windows, one forward pass; blending is tested in tests/models).
@@ -39,7 +39,7 @@ TINY_SEG = [*TINY_VIT, "patch_size=[8,16,16]", "batch_size=2", "num_samples=2", 
             "cache=memory", "accelerator=cpu", "devices=1", "progress_bar=false",
             "n_overlay_slices=2", "lr=1e-2", "sw_overlap=0", "sw_batch_size=8"]
 # 2D: slices along the tiny demo's stored axis 2 are 32x32 (16 per volume); 2D tiny ViT.
-TINY_2D = [*TINY_VIT, "spatial_dims=2", "backbone.patch_size=[4,4]", "global_crop_size=[16,16]",
+TINY_2D = [*TINY_VIT, "spatial_dims=2", "backbone.patch_size=[4,4]", "backbone.img_size=[16,16]",
            "patch_size=[16,16]", "slice_axis=2", "batch_size=4", "num_samples=1", "n_epochs=1",
            "cache=memory", "accelerator=cpu", "devices=1", "progress_bar=false", "lr=1e-2",
            "sw_overlap=0", "sw_batch_size=64", "hd95=false"]
@@ -91,13 +91,22 @@ def test_readme_commands_compose() -> None:
                           "--cfg", "job"], capture_output=True, text=True, check=True,
                          cwd=REPO).stdout
     assert re.search(r"^dino_weights: results/dino_demo/backbone.pt$", out, re.M)
-    cfg = compose("segmentation", ["csv_path=x", "spatial_dims=2", "backbone=unet3d"])
-    assert cfg.backbone.spatial_dims == 2 and cfg.backbone.name == "unet3d"
+    cfg = compose("segmentation", ["csv_path=x", "spatial_dims=2", "patch_size=[64,64]"])
+    assert cfg.backbone.spatial_dims == 2 and list(cfg.backbone.img_size) == [64, 64]
     default = compose("segmentation", ["csv_path=x"])
     dino = compose("dino", ["csv_path=x"])
     # The default encoder is the DINO demo's, so its export loads key for key.
     assert OmegaConf.to_container(default.backbone, resolve=True) == \
         OmegaConf.to_container(dino.backbone, resolve=True)
+
+
+@pytest.mark.parametrize("family", ["vit", "swin_unetr", "unet3d"])
+def test_every_backbone_family_composes_and_builds(family: str) -> None:
+    cfg = compose("segmentation", ["csv_path=x", f"backbone={family}",
+                                   f"patch_size={PATCHES[family]}"])
+    assert cfg.lr == 1e-3  # the segmentation recipe, not a pre-training one
+    module = TASK.build_module(cfg, None)
+    assert module.network.encoder.name == family
 
 
 def test_bad_options_fail_before_training(seg_cfg: DictConfig) -> None:
@@ -130,7 +139,7 @@ def test_3d_trains_lowers_loss_and_writes_test_results(seg_cfg: DictConfig, tmp_
     events = EventAccumulator(str(sorted((out / "tensorboard").glob("events*"))[0]))
     events.Reload()
     assert "val/overlay" in events.Tags()["images"]
-    assert (out / "checkpoints" / "backbone.pt").is_file()
+    assert (out / "backbone.pt").is_file()
     # Test mode outputs: one label map per test case on its file's grid, and the metrics.
     with open(seg_cfg.csv_path) as fh:
         test_rows = [r for r in csv.DictReader(fh) if r["fold"] == "test"]
@@ -311,7 +320,7 @@ FAMILIES = {
                      "model_name": "efficientnet-b0"},
 }
 PATCHES = {"vit": [16, 32, 32], "swin_unetr": [32, 32, 64], "unet3d": [16, 32, 32],
-           "efficientnet": [32, 32]}
+           "efficientnet": [32, 32]}  # the smallest patches each family can segment
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -359,10 +368,13 @@ REAL_CASES = {  # image, label, dcm2niix reference of a DICOM image (None: the i
                          f"{PGBM}/PGBM-001_1992-04-02/5388-MaskTumor-63335",
                          f"{PGBM}/reference_dcm2niix/35623-FLAIRreg-79237.nii.gz"),
     "colin27_aal": ("mricron_data_debian/ch2.nii.gz", "mricron_data_debian/aal.nii.gz", None),
+    # A JPEG 2000 DICOM series with an LAS NIfTI label map on its grid (LPS as stored).
     "ct_dicom": ("totalsegmentator/example_ct_dicom", "totalsegmentator/example_seg_dicom.nii.gz",
                  "totalsegmentator/reference_dcm2niix/example_ct_dicom.nii.gz"),
 }
-@pytest.mark.parametrize("case", list(REAL_CASES))
+
+
+@pytest.mark.parametrize("case", sorted(REAL_CASES))
 def test_real_scans_train_and_predict_on_the_original_grid(case: str, real_data: Path,
                                                            tmp_path: Path) -> None:
     """A training step on each real scan, then test mode: the label map lands on the input's
