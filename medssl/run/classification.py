@@ -174,7 +174,7 @@ class ClassificationData(CohortDataModule):
         if absent:
             raise CohortError(f"{cohort.csv_path}: cls_targets {absent} are not columns of the "
                               f"CSV (columns: {[c for c in cohort.records[0] if c != 'row']})")
-        train = cohort.select(self.splits.get("train"))
+        train = cohort.select(self.splits.get("train"), "train_folds")
         self.classes = self.given_classes or {
             t: category_order(r[t] for r in train if not is_missing(r[t]))
             for t in self.cls_targets}
@@ -200,9 +200,9 @@ class ClassificationData(CohortDataModule):
         """Every val/test (and, with given classes, training) value must be a known class."""
         problems = []
         for name, folds in self.splits.items():
-            if name == "train" and self.given_classes is None:
+            if not folds or (name == "train" and self.given_classes is None):
                 continue
-            for r in cohort.select(folds):
+            for r in cohort.select(folds, f"{name}_folds"):
                 problems += [
                     f"{r['row']}: {t}='{r[t]}' in the {name} folds was never seen in the "
                     f"training rows (categories {self.classes[t]})"
