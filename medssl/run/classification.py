@@ -149,7 +149,8 @@ class ClassificationData(CohortDataModule):
                  batch_size: int = 2, eval_batch_size: int | None = None, n_workers: int = 0,
                  cache: str = "none", cache_dir: str | Path | None = None,
                  reset_cache: bool = False, label_fraction: float = 1.0, seed: int = 0,
-                 classes: Mapping[str, Sequence[str]] | None = None) -> None:
+                 classes: Mapping[str, Sequence[str]] | None = None,
+                 on_bad_sample: str = "error") -> None:
         if not cls_targets:
             raise ValueError("cls_targets must name at least one target column")
         if not 0 < label_fraction <= 1:
@@ -159,7 +160,7 @@ class ClassificationData(CohortDataModule):
         super().__init__(csv_path, "classification", splits=splits, settings=settings,
                          augment=augment, batch_size=batch_size, eval_batch_size=eval_batch_size,
                          n_workers=n_workers, cache=cache, cache_dir=cache_dir,
-                         reset_cache=reset_cache, seed=seed)
+                         reset_cache=reset_cache, seed=seed, on_bad_sample=on_bad_sample)
         self.cls_targets, self.label_fraction = list(cls_targets), label_fraction
         self.given_classes = None if classes is None else {k: list(v) for k, v in classes.items()}
         self.classes: dict[str, list[str]] = {}

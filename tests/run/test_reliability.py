@@ -139,10 +139,7 @@ SCRIPTS = sorted(p.stem for p in (REPO / "configs").glob("*.yaml")
                  if re.search(r"^task:", p.read_text(), re.M))
 
 
-@pytest.mark.parametrize("script", [
-    pytest.param(s, marks=pytest.mark.xfail(
-        strict=True, reason="ClassificationData does not take on_bad_sample yet"))
-    if s == "classification" else s for s in SCRIPTS])
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_every_script_passes_on_bad_sample_to_its_data(script: str, demo: DemoPaths,
                                                       tmp_path: Path) -> None:
     csv = getattr(demo, f"{'classification' if script == 'dino' else script}_csv")
