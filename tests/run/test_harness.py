@@ -134,3 +134,25 @@ def test_stale_lock_is_taken_over(tmp_path: Path) -> None:
     (tmp_path / "run.lock").write_text(f"{socket.gethostname()} {dead}")
     with run_lock(tmp_path):
         assert (tmp_path / "run.lock").read_text().endswith(str(os.getpid()))
+
+
+def test_interrupted_export_leaves_the_previous_file(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kill while writing backbone.pt (here: the writer dies after 10 bytes) leaves the
+    previous export whole: the new one is written beside it and renamed only when complete."""
+    import medssl.run.checkpoints as checkpoints
+
+    path = tmp_path / "backbone.pt"
+    first = _Exported(2, 1)
+    checkpoints.export_backbone(path, first, {"epoch": 0})
+
+    def dies_mid_write(target: Path, backbone: nn.Module, extra: dict) -> None:
+        Path(target).write_bytes(b"PK\x03\x04truncat")
+        raise KeyboardInterrupt  # what SIGINT does; SIGKILL stops at the same point
+
+    monkeypatch.setattr(checkpoints, "save_backbone", dies_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.export_backbone(path, _Exported(2, 1), {"epoch": 1})
+    export = torch.load(path, weights_only=True)
+    assert export["epoch"] == 0
+    assert torch.equal(export["state_dict"]["weight"], first.weight.detach())
