@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import pandas as pd
 import pydicom
 import pytest
 
+from medssl.data.demo import generate
 from medssl.run import run
-from tests.conftest import TINY_DINO, compose
+from tests.conftest import TINY, TINY_DINO, compose
 from tests.scripts.test_classification import TINY_CLS
 from tests.scripts.test_mae import TINY_2D as TINY_MAE2D
 from tests.scripts.test_mae import TINY_3D as TINY_MAE3D
@@ -22,10 +22,10 @@ CANARIES = {"PatientName": "Canary^Jane", "PatientBirthDate": "19010203",
 
 
 @pytest.fixture(scope="module")
-def named_cohort(demo, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny demo with identifying DICOM fields filled in, and every CSV reading DICOM."""
-    root = tmp_path_factory.mktemp("named") / "cohort"
-    shutil.copytree(demo.root, root)
+def named_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh tiny demo (other tests may add files to the shared one) with identifying DICOM
+    fields filled in, and every CSV reading DICOM."""
+    root = generate(tmp_path_factory.mktemp("named") / "cohort", TINY).root
     for path in (root / "dicom").rglob("*"):
         if path.is_file():
             ds = pydicom.dcmread(path)
