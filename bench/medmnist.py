@@ -48,11 +48,8 @@ log = logging.getLogger("bench.medmnist")
 COMMON = ["resize_to=[32,32,32]", "backbone.patch_size=[8,8,8]", "cache=disk",
           "progress_bar=false", "n_workers=0"]
 # The project's MedMNIST recipe (configs/preset/medmnist.yaml: 32^3, patch 8, batch 32).
-# knn_target=null (backbone.pt = the last epoch) until the data layer stops reading a target
-# column named "label" as a label map: with it, the k-NN monitor's datasets fail (memory
-# cache: the size estimate opens the label value as a path; disk cache: the cached text value
-# replaces the encoded one).
-DINO = ["preset=medmnist", "knn_target=null"]
+# backbone.pt is picked by the k-NN monitor's AUC on the val split (knn_target=label).
+DINO = ["preset=medmnist"]
 CLS = ["cls_targets=[label]", "train_folds=[train]", "val_folds=[val]", "test_folds=[test]",
        "batch_size=32", "eval_batch_size=128"]
 SETTINGS = {

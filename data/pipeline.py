@@ -21,7 +21,7 @@ from monai.data import Dataset
 from monai.transforms import EnsureTyped
 from monai.utils import look_up_option
 
-from medssl.data.cache import CACHE_MODES, IMAGE, LABEL, MemoryCache, build_dataset
+from medssl.data.cache import CACHE_MODES, GEOMETRY, IMAGE, LABEL, MemoryCache, build_dataset
 from medssl.data.cache import cache_key as cache_key  # re-exported: callers import it from here
 from medssl.data.dicom import DicomError
 from medssl.data.io import VolumeError, read_volume_info, slices_with_foreground
@@ -112,6 +112,10 @@ def preprocessing_transforms(settings: Preprocessing, label: bool = False) -> li
     return steps
 
 
+# Item keys the pipeline owns; CSV columns of these names stay out of items.
+PIPELINE_KEYS = (IMAGE, LABEL, GEOMETRY, SLICE_AXIS)
+
+
 def to_items(records: Sequence[dict], task: str) -> list[dict]:
     """Cohort rows -> dataset items with ``image`` (and ``label``) paths.
 
@@ -120,7 +124,10 @@ def to_items(records: Sequence[dict], task: str) -> list[dict]:
     """
     items = []
     for r in records:
-        item = dict(r)
+        # CSV columns ride along (targets, max_val, ...), except those named like the keys the
+        # pipeline fills: a target column called ``label`` (MedMNIST's) must not be taken for
+        # a segmentation label map.
+        item = {k: v for k, v in r.items() if k not in PIPELINE_KEYS}
         if task == "segmentation":
             item[IMAGE], item[LABEL] = r["img_path"], r["seg_path"]
         else:

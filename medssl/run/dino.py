@@ -27,6 +27,8 @@ from medssl.run.config import RunConfig, kwargs_for, plain, schema
 from medssl.run.harness import Task, WeightSource
 
 log = logging.getLogger(__name__)
+# Batch key of the k-NN monitor's class index (not the CSV column's name, which may be "label").
+KNN_KEY = "knn_class"
 
 
 @dataclass
@@ -170,7 +172,7 @@ class DinoTask(Task):
         steps = preprocessing_transforms(settings)
         loaders = []
         for folds in (cfg.train_folds, cfg.val_folds):
-            rows = [dict(r, **{target: categories.index(r[target])})
+            rows = [dict(r, **{KNN_KEY: categories.index(r[target])})
                     for r in cohort.select(plain(folds)) if r["row"] in ids]
             if not rows:
                 log.info("k-NN monitor off: no %s values in folds %s", target, list(folds))
@@ -179,7 +181,7 @@ class DinoTask(Task):
                                     cfg.cache_dir)
             loaders.append(DataLoader(dataset, batch_size=cfg.batch_size,
                                       num_workers=cfg.n_workers))
-        return [KNNMonitor(*loaders, target=target, backbone_attr="teacher_backbone",
+        return [KNNMonitor(*loaders, target=KNN_KEY, backbone_attr="teacher_backbone",
                            k=cfg.knn_k, n_classes=len(categories))]
 
 

@@ -301,3 +301,17 @@ def test_unlabelled_rows_train_but_skip_the_knn_monitor(dino_cfg: DictConfig, de
     assert "k-NN monitor: 6 of 8 rows have a V00COHORT value" in caplog.text
     assert "val/knn_accuracy" in trainer.callback_metrics
     assert trainer.global_step == 3  # all 7 training rows still train: 3 batches of 2
+
+
+@pytest.mark.parametrize("cache", ["memory", "disk"])
+def test_knn_target_named_label(dino_cfg: DictConfig, demo, cache: str) -> None:
+    """A target column called ``label`` (MedMNIST's) is a class, not a label-map path."""
+    import pandas as pd
+
+    df = pd.read_csv(demo.classification_csv).rename(columns={"V00COHORT": "label"})
+    csv = demo.root / f"label_column_{cache}.csv"
+    df.to_csv(csv, index=False)
+    _set(dino_cfg, csv_path=str(csv), experiment=f"label_{cache}", knn_target="label",
+         cache=cache, cache_dir=str(Path(dino_cfg.results_dir) / "cache"))
+    trainer = run_dino(dino_cfg)
+    assert "val/knn_auc" in trainer.callback_metrics
