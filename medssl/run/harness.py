@@ -235,13 +235,26 @@ def build_trainer(cfg: DictConfig, task: Task, callbacks: list[L.Callback],
     loggers = build_loggers(cfg.results_dir, cfg.experiment, cfg.clearml,
                             cfg.clearml_project_name, OmegaConf.to_container(cfg, resolve=True),
                             purge_step=resume_step or None)
+    owned = {  # Trainer arguments set by top-level config keys
+        "default_root_dir": "results_dir/experiment", "max_epochs": "n_epochs",
+        "accelerator": "accelerator", "devices": "devices", "num_nodes": "num_nodes",
+        "precision": "precision", "accumulate_grad_batches": "accumulate_grad_batches",
+        "logger": "clearml", "callbacks": "monitor", "enable_progress_bar": "progress_bar"}
+    extra = plain(cfg.trainer)
+    clash = {k: owned[k] for k in extra if k in owned}
+    if clash:
+        raise ValueError("trainer: set these through their own config keys instead: "
+                         + ", ".join(f"trainer.{k} -> {v}" for k, v in clash.items()))
+    # Defaults the ``trainer:`` group may override (e.g. +trainer.log_every_n_steps=50).
+    defaults = {
+        # Batch-norm statistics over all GPUs under DDP (SyncBatchNorm only runs on GPUs).
+        "sync_batchnorm": _on_gpu(cfg.accelerator), "log_every_n_steps": 1,
+        "num_sanity_val_steps": 0}
     return L.Trainer(
         default_root_dir=run_dir(cfg), max_epochs=cfg.n_epochs, accelerator=cfg.accelerator,
         devices=plain(cfg.devices), num_nodes=cfg.num_nodes, precision=cfg.precision,
         accumulate_grad_batches=cfg.accumulate_grad_batches, logger=loggers, callbacks=callbacks,
-        # Batch-norm statistics over all GPUs under DDP (SyncBatchNorm only runs on GPUs).
-        sync_batchnorm=_on_gpu(cfg.accelerator), log_every_n_steps=1, num_sanity_val_steps=0,
-        enable_progress_bar=cfg.progress_bar, **plain(cfg.trainer))
+        enable_progress_bar=cfg.progress_bar, **(defaults | extra))
 
 
 def run(cfg: DictConfig) -> L.Trainer:

@@ -156,3 +156,16 @@ def test_interrupted_export_leaves_the_previous_file(tmp_path: Path,
     export = torch.load(path, weights_only=True)
     assert export["epoch"] == 0
     assert torch.equal(export["state_dict"]["weight"], first.weight.detach())
+
+
+def test_trainer_group_overrides_defaults_but_not_config_keys(tmp_path: Path) -> None:
+    from medssl.run.harness import build_trainer
+    from medssl.run.tasks import get_task
+    from tests.conftest import TINY_DINO, compose
+
+    base = [f"results_dir={tmp_path}", *TINY_DINO]
+    cfg = compose("dino", [*base, "+trainer.log_every_n_steps=7"])
+    assert build_trainer(cfg, get_task("dino"), []).log_every_n_steps == 7
+    cfg = compose("dino", [*base, "+trainer.max_epochs=3"])
+    with pytest.raises(ValueError, match="trainer.max_epochs -> n_epochs"):
+        build_trainer(cfg, get_task("dino"), [])
