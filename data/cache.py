@@ -44,7 +44,8 @@ CACHE_MODES = ("none", "memory", "disk")
 IMAGE, LABEL = "image", "label"  # the item keys of the image and label map
 # Bump when the preprocessing output changes, to retire old disk caches.
 # 2: geometry, area resizing, min-max fallback, max_val scaling, slice items.
-CACHE_FORMAT = 2
+# 3: percentile limits of large volumes from a voxel sample (transforms.intensity_limits).
+CACHE_FORMAT = 3
 # What the disk cache serves; every other item field comes from the current CSV.
 CACHED_KEYS = (IMAGE, LABEL, GEOMETRY)
 # The item fields preprocessing reads: items equal in these share one cached copy.

@@ -14,6 +14,7 @@ from torch.utils.data import RandomSampler
 
 from medssl.data.pipeline import CACHE_MODES, Preprocessing, bad_sample_mode, make_datasets
 from medssl.data.table import BadRows, Cohort
+from medssl.data.workers import AUTO, check_n_workers, loader_workers, trainer_layout, usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,8 @@ class CohortDataModule(L.LightningDataModule):
         augment: split name -> random transforms applied after preprocessing.
         batch_size: samples per device and training step.
         eval_batch_size: samples per device for val/test/predict (None: ``batch_size``).
-        n_workers: data loader processes.
+        n_workers: data loader processes per device, or ``auto`` (``medssl.data.workers``:
+            sized from the usable CPUs and the trainer's devices, logged once).
         targets: target columns to validate and encode.
         cache, cache_dir, reset_cache: see ``medssl.data.cache.build_dataset``.
         slices: split name -> stored voxel axis; that split's volume rows become one 2D
@@ -76,8 +78,8 @@ class CohortDataModule(L.LightningDataModule):
 
     def __init__(self, csv_path: str | Path, task: str, splits: Mapping[str, Folds],
                  settings: Preprocessing, augment: Mapping[str, Sequence[Callable]] | None = None,
-                 batch_size: int = 2, eval_batch_size: int | None = None, n_workers: int = 0,
-                 targets: Sequence[str] = (), cache: str = "none",
+                 batch_size: int = 2, eval_batch_size: int | None = None,
+                 n_workers: int | str = 0, targets: Sequence[str] = (), cache: str = "none",
                  cache_dir: str | Path | None = None, reset_cache: bool = False,
                  slices: Mapping[str, int] | None = None,
                  empty_per_foreground: float | None = None, seed: int | None = 0,
@@ -89,8 +91,7 @@ class CohortDataModule(L.LightningDataModule):
         for what, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if value is not None and value < 1:
                 raise ValueError(f"{what} must be positive, got {value}")
-        if n_workers < 0:
-            raise ValueError(f"n_workers must be >= 0, got {n_workers}")
+        n_workers = check_n_workers(n_workers)
         look_up_option(cache, CACHE_MODES)
         self.on_bad_sample = bad_sample_mode(on_bad_sample)
         self.csv_path, self.task, self.settings = csv_path, task, settings
@@ -104,6 +105,7 @@ class CohortDataModule(L.LightningDataModule):
             empty_per_foreground, seed
         self.datasets: dict[str, Dataset] = {}
         self.cohort: Cohort | None = None
+        self._logged_workers: set[tuple[int, bool]] = set()
 
     def setup(self, stage: str | None = None) -> None:
         """Build every split's dataset (once; later calls, e.g. for ``test``, reuse them)."""
@@ -131,12 +133,29 @@ class CohortDataModule(L.LightningDataModule):
                              f"{sorted(self.datasets)}); give its folds")
         return self.datasets[name]
 
+    def loader_options(self) -> dict:
+        """``num_workers``, ``pin_memory`` and ``persistent_workers`` for a DataLoader.
+
+        ``n_workers: auto`` is sized from the attached trainer's devices (before one is
+        attached: one process, GPU if CUDA is available); memory is pinned only for GPU
+        training, where it speeds the copy to the device.
+        """
+        devices, on_gpu = trainer_layout(self.trainer)
+        n = loader_workers(self.n_workers, devices, on_gpu)
+        if (n, on_gpu) not in self._logged_workers:  # once per distinct choice
+            self._logged_workers.add((n, on_gpu))
+            how = (f"auto for {usable_cpus()} usable CPUs, {devices} device(s) per node, "
+                   f"{'GPU' if on_gpu else 'CPU'} training" if self.n_workers == AUTO
+                   else "n_workers")
+            log.info("data loader workers per device: %d (%s); pin_memory %s", n, how,
+                     "on" if on_gpu else "off")
+        return {"num_workers": n, "pin_memory": on_gpu, "persistent_workers": n > 0}
+
     def _loader(self, name: str, batch_size: int, train: bool = False) -> DataLoader:
         dataset = self._dataset(name)
         return DataLoader(dataset, batch_size=batch_size,
                           sampler=EpochRandomSampler(dataset, self.seed) if train else None,
-                          drop_last=train, num_workers=self.n_workers,
-                          persistent_workers=self.n_workers > 0)
+                          drop_last=train, **self.loader_options())
 
     def train_dataloader(self) -> DataLoader:
         n = len(self._dataset("train"))

@@ -8,6 +8,7 @@ with the grid they produce, so preprocessing can be inverted.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
@@ -92,12 +93,50 @@ class GridResized(MapTransform):
         return d
 
 
+# Percentile limits are computed on at least this many voxels: np.percentile over a whole
+# 160x384x384 series (23.6M voxels) made ScaleToUnit take 0.54 s on a lightly loaded core
+# (1-1.6 s loaded), from this sample 0.11 s. Volumes under twice this stay exact. On real
+# scans the sampled limits moved by under 0.1% of the window (tests/data/test_preprocessing.py).
+PERCENTILE_VOXELS = 2**20
+
+
+def percentile_step(shape: Sequence[int], min_voxels: int = PERCENTILE_VOXELS) -> int:
+    """Step of the flat (C-order) voxel sample used for percentiles: every ``step``-th voxel
+    still gives at least ``min_voxels``, and the step shares no factor with the last axis.
+
+    Coprime, the sample's position along a row shifts from row to row, so every row of every
+    slice is visited at evenly spread positions; striding each axis instead would skip whole
+    slices (every 3rd of 24 thick MR slices moved the limits by 8%).
+    """
+    step = max(1, int(np.prod(shape)) // max(1, min_voxels))
+    while math.gcd(step, int(shape[-1])) != 1:
+        step -= 1
+    return step
+
+
+def intensity_limits(values: np.ndarray, lower: float, upper: float,
+                     min_voxels: int = PERCENTILE_VOXELS) -> tuple[float, float]:
+    """The ``lower`` and ``upper`` percentiles of ``values`` (C, *spatial).
+
+    Large volumes are sampled every ``percentile_step`` voxels (deterministic) instead of
+    read whole: the limits only set the intensity window, and the sample keeps enough voxels
+    that they move by much less than the intensity noise.
+    """
+    step = percentile_step(values.shape, min_voxels)
+    sample = values if step == 1 else values.flat[::step]  # flat[] also serves strided views
+    lo, hi = np.percentile(sample, [lower, upper])
+    # The 0th and 100th percentiles are the extremes, which a sample can miss: read them whole.
+    return (float(values.min()) if lower == 0 else float(lo),
+            float(values.max()) if upper == 100 else float(hi))
+
+
 class ScaleToUnit(Transform):
     """Array transform: intensities to [0, 1], by a known maximum or by percentiles.
 
     With ``max_val``: ``x / max_val`` clipped to [0, 1] (a cohort-wide constant, so the
     same tissue has the same value in every volume and every slice). Otherwise the
-    ``lower``/``upper`` percentiles map to 0/1, clipped. When they coincide (under
+    ``lower``/``upper`` percentiles map to 0/1, clipped (on a regular voxel grid for large
+    volumes, see ``intensity_limits``). When they coincide (under
     ``100 - upper`` percent of voxels differ from the background, e.g. a small mask-like
     volume or an edge slice), the image's minimum and maximum are used instead, with a
     warning; a constant image (a blank slice) becomes zeros. Nothing is left unscaled.
@@ -119,9 +158,9 @@ class ScaleToUnit(Transform):
                  name: str = "") -> torch.Tensor:
         """Scale ``img``; ``name`` (the file) is used in the warnings."""
         if max_val is not None:
-            return (img / float(max_val)).clamp(0.0, 1.0)
+            return (img / float(max_val)).clamp_(0.0, 1.0)
         values = (img.as_tensor() if isinstance(img, MetaTensor) else img).detach().cpu()
-        lo, hi = (float(v) for v in np.percentile(values.numpy(), [self.lower, self.upper]))
+        lo, hi = intensity_limits(values.numpy(), self.lower, self.upper)
         if hi <= lo:
             lo, hi = float(values.min()), float(values.max())
             if hi <= lo:
@@ -130,7 +169,8 @@ class ScaleToUnit(Transform):
             self._warn_once(name, "min-max", "the %g and %g intensity percentiles coincide "
                             "(%g); scaled by min-max [%g, %g] instead", self.lower, self.upper,
                             lo, lo, hi)
-        return ((img - lo) / (hi - lo)).clamp(0.0, 1.0)
+        # One new tensor, then in place: the temporaries cost as much as the percentiles.
+        return (img - lo).div_(hi - lo).clamp_(0.0, 1.0)
 
 
 class ScaleToUnitd(MapTransform):

@@ -21,6 +21,7 @@ from torchmetrics import CatMetric
 from medssl.models.backbones import build_backbone
 from medssl.models.dino import warmup_cosine
 from medssl.models.metrics import mean_metrics, target_metrics
+from medssl.models.optim import adamw, clip_grad_norm
 
 __all__ = ["TRAIN_MODES", "Classifier", "masked_cross_entropy"]
 
@@ -200,8 +201,7 @@ class Classifier(L.LightningModule):
             for param in self.backbone.parameters():
                 param.grad = None
         if self.hparams.grad_clip > 0:
-            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip,
-                                gradient_clip_algorithm="norm")
+            clip_grad_norm(optimizer, self.hparams.grad_clip)  # also with fused AdamW
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # Biases and 1-D parameters (norm scales) get no weight decay (facebookresearch/dino
@@ -219,7 +219,7 @@ class Classifier(L.LightningModule):
                  "lr_scale": scale},
                 {"name": f"{name}_no_decay", "params": no_decay, "weight_decay": 0.0,
                  "lr_scale": scale}]
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.hparams.lr)
+        return adamw(self, [g for g in groups if g["params"]], lr=self.hparams.lr)
 
     # ----- validation and test ----------------------------------------------------------
     def _collect(self, batch: dict, stage: str) -> None:

@@ -33,6 +33,7 @@ from medssl.models.monitors import (
     entropy_fraction,
     prototype_information,
 )
+from medssl.models.optim import adamw
 
 CENTERINGS = ("mean", "sinkhorn_knopp")
 POOLINGS = ("cls", "mean")
@@ -342,7 +343,7 @@ class DINO(L.LightningModule):
         ]
         if self.hparams.optimizer == "sgd":  # DINO's convnet recipe: SGD, momentum 0.9
             return torch.optim.SGD(groups, lr=self.hparams.lr, momentum=0.9)
-        return torch.optim.AdamW(groups, lr=self.hparams.lr)
+        return adamw(self, groups, lr=self.hparams.lr)
 
     # ----- validation: DINO loss on fixed crops ----------------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> None:

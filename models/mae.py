@@ -33,6 +33,7 @@ from torchvision.utils import make_grid
 
 from medssl.models.backbones import build_backbone
 from medssl.models.dino import warmup_cosine
+from medssl.models.optim import adamw
 from medssl.models.segmenters import build_segmenter
 from medssl.models.vit import patchify, unpatchify
 
@@ -401,7 +402,7 @@ class MaskedAutoencoder(L.LightningModule):
         for name, param in self.named_parameters():
             if param.requires_grad:
                 (no_decay if name.endswith(".bias") or param.ndim <= 1 else decay).append(param)
-        return torch.optim.AdamW([
+        return adamw(self, [
             {"params": decay, "weight_decay": self.hparams.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ], lr=self.hparams.lr, betas=tuple(self.hparams.betas))

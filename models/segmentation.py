@@ -23,6 +23,7 @@ from monai.utils import look_up_option
 from torch import Tensor, nn
 from torchvision.utils import make_grid
 
+from medssl.models.optim import adamw, clip_grad_norm
 from medssl.models.segmenters import build_segmenter
 
 __all__ = ["LOSSES", "SegmentationModule", "build_loss", "case_metrics", "to_labels"]
@@ -274,7 +275,7 @@ class SegmentationModule(L.LightningModule):
         for name, param in self.network.named_parameters():
             decay = not (name.endswith(".bias") or param.ndim <= 1)
             groups.setdefault((id(param) in encoder, decay), []).append(param)
-        return torch.optim.AdamW([
+        return adamw(self, [
             {"params": params, "encoder": enc,
              "weight_decay": self.hparams.weight_decay if decay else 0.0}
             for (enc, decay), params in sorted(groups.items())], lr=self.hparams.lr)
@@ -283,8 +284,7 @@ class SegmentationModule(L.LightningModule):
                                     gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
         if self.hparams.grad_clip > 0:
-            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip,
-                                gradient_clip_algorithm="norm")
+            clip_grad_norm(optimizer, self.hparams.grad_clip)  # also with fused AdamW
 
     # ----- validation and test: whole volumes ------------------------------------------
     def _evaluate(self, batch: dict, stage: str) -> tuple[Tensor, dict[str, Tensor]]:

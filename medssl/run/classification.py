@@ -146,8 +146,8 @@ class ClassificationData(CohortDataModule):
 
     def __init__(self, csv_path: str | Path, splits: Mapping[str, Any], settings: Preprocessing,
                  cls_targets: Sequence[str], augment: Mapping[str, Sequence] | None = None,
-                 batch_size: int = 2, eval_batch_size: int | None = None, n_workers: int = 0,
-                 cache: str = "none", cache_dir: str | Path | None = None,
+                 batch_size: int = 2, eval_batch_size: int | None = None,
+                 n_workers: int | str = 0, cache: str = "none", cache_dir: str | Path | None = None,
                  reset_cache: bool = False, label_fraction: float = 1.0, seed: int = 0,
                  classes: Mapping[str, Sequence[str]] | None = None,
                  on_bad_sample: str = "error") -> None:

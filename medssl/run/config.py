@@ -39,7 +39,7 @@ class RunConfig:
     reset_cache: bool = MISSING
     on_bad_sample: str = MISSING
     batch_size: int = MISSING
-    n_workers: int = MISSING
+    n_workers: Any = MISSING  # auto or an int >= 0 (OmegaConf 2.3 has no int | str)
     n_epochs: int = MISSING
     lr: float = MISSING
     accumulate_grad_batches: int = MISSING

@@ -180,7 +180,7 @@ class DinoTask(Task):
             dataset = build_dataset(to_items(rows, "ssl"), steps, settings, cfg.cache,
                                     cfg.cache_dir)
             loaders.append(DataLoader(dataset, batch_size=cfg.batch_size,
-                                      num_workers=cfg.n_workers))
+                                      **data.loader_options()))
         return [KNNMonitor(*loaders, target=KNN_KEY, backbone_attr="teacher_backbone",
                            k=cfg.knn_k, n_classes=len(categories))]
 
