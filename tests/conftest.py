@@ -46,7 +46,7 @@ TINY_DINO = [
     "backbone.patch_size=[4,8,8]", "backbone.hidden_size=32", "backbone.mlp_dim=64",
     "backbone.num_layers=1", "backbone.num_heads=2", "out_dim=64", "hidden_dim=32",
     "bottleneck_dim=16", "n_crops=4", "batch_size=2", "n_epochs=1", "cache=none",
-    "accelerator=cpu", "devices=1", "knn_k=3", "progress_bar=false",
+    "accelerator=cpu", "devices=1", "knn_k=3", "progress_bar=false", "n_workers=0",
 ]
 
 

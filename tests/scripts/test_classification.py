@@ -29,7 +29,7 @@ SCRIPT = REPO / "downstream" / "classification.py"
 # Tiny demo: folds 1-2 train (4 subjects, both classes of both targets), 3-4 validate (one
 # subject of each class of both targets), 0 tests (2 subjects).
 TINY_CLS = [
-    "train_folds=[1,2]", "resize_to=[16,32,32]", "backbone.patch_size=[4,8,8]",
+    "train_folds=[1,2]", "resize_to=[16,32,32]", "backbone.patch_size=[4,8,8]", "n_workers=0",
     "backbone.hidden_size=32", "backbone.mlp_dim=64", "backbone.num_layers=1",
     "backbone.num_heads=2", "batch_size=2",
     "n_epochs=1", "cache=memory", "accelerator=cpu", "devices=1", "progress_bar=false",

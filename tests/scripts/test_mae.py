@@ -28,7 +28,7 @@ TINY_VIT = ["backbone.hidden_size=32", "backbone.mlp_dim=64", "backbone.num_laye
             "backbone.num_heads=2", "decoder_hidden_size=24", "decoder_mlp_dim=48",
             "decoder_num_heads=2"]
 COMMON = ["n_epochs=1", "warmup_epochs=0", "lr=2e-3", "cache=memory", "accelerator=cpu",
-          "devices=1", "progress_bar=false"]
+          "devices=1", "progress_bar=false", "n_workers=0"]
 # The tiny demo: volumes of 16 x 32 x 32 (RAS), 16 slices of 32 x 32 each.
 TINY_3D = ["resize_to=[16,32,32]", "backbone.patch_size=[4,8,8]", "mae_cfg.cuboid_size=[4,8,8]",
            "batch_size=2", *TINY_VIT, *COMMON]

@@ -36,10 +36,11 @@ TINY_VIT = ["backbone.patch_size=[4,8,8]", "backbone.hidden_size=32", "backbone.
 # Patches of an eighth of a volume (16x32x32 RAS); validation and test slide over whole volumes
 # (no overlap: 8 windows, one forward pass; blending is tested in tests/models).
 TINY_SEG = [*TINY_VIT, "patch_size=[8,16,16]", "batch_size=2", "num_samples=2", "n_epochs=1",
-            "cache=memory", "accelerator=cpu", "devices=1", "progress_bar=false",
+            "cache=memory", "accelerator=cpu", "devices=1", "progress_bar=false", "n_workers=0",
             "n_overlay_slices=2", "lr=1e-2", "sw_overlap=0", "sw_batch_size=8"]
 # 2D: slices along the tiny demo's stored axis 2 are 32x32 (16 per volume); 2D tiny ViT.
-TINY_2D = [*TINY_VIT, "spatial_dims=2", "backbone.patch_size=[4,4]", "backbone.img_size=[16,16]",
+TINY_2D = [*TINY_VIT, "n_workers=0", "spatial_dims=2", "backbone.patch_size=[4,4]",
+           "backbone.img_size=[16,16]",
            "patch_size=[16,16]", "slice_axis=2", "batch_size=4", "num_samples=1", "n_epochs=1",
            "cache=memory", "accelerator=cpu", "devices=1", "progress_bar=false", "lr=1e-2",
            "sw_overlap=0", "sw_batch_size=64", "hd95=false"]
