@@ -23,7 +23,11 @@ from medssl.models.backbone_base import (
     checkpointed,
 )
 
-__all__ = ["ViTBackbone", "ViTBlock", "patchify", "random_keep", "unpatchify"]
+__all__ = ["INPUT_NORMS", "ViTBackbone", "ViTBlock", "patchify", "random_keep", "unpatchify"]
+
+
+# Input standardisations a ViT can apply (``input_norm``).
+INPUT_NORMS = ("none", "instance")
 
 
 def patchify(x: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
@@ -128,6 +132,13 @@ class ViTBackbone(Backbone):
             ``drop_path_rate * i / (num_layers - 1)`` (linear, as DINO/timm). DINO's student: 0.1.
         use_checkpoint: activation checkpointing per transformer block when gradients are
             on: keeps only each block's input, recomputes the rest in backward.
+        input_norm: ``instance`` standardises each input (per sample and channel: zero mean,
+            unit variance) before the patch embedding; ``none`` feeds it as given. Volumes
+            scaled to [0, 1] with much shared background give a fresh ViT features that are
+            ~99% the same for every input (the common intensity level and the empty patches
+            dominate the pooled tokens); DINO's centred teacher is then uniform from its first
+            step and training collapses (issue 7). Standardising restores the between-sample
+            spread that natural images normalised with dataset statistics have.
     """
 
     name = "vit"
@@ -146,6 +157,7 @@ class ViTBackbone(Backbone):
         qkv_bias: bool = True,
         drop_path_rate: float = 0.0,
         use_checkpoint: bool = False,
+        input_norm: str = "none",
     ) -> None:
         check_spatial_dims(spatial_dims)
         for arg, value in [("in_channels", in_channels), ("hidden_size", hidden_size),
@@ -162,6 +174,8 @@ class ViTBackbone(Backbone):
             )
         if not 0.0 <= dropout_rate <= 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1], got {dropout_rate!r}.")
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}.")
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}.")
         super().__init__()
@@ -171,7 +185,9 @@ class ViTBackbone(Backbone):
             "num_layers": num_layers, "num_heads": num_heads,
             "dropout_rate": float(dropout_rate), "qkv_bias": bool(qkv_bias),
             "drop_path_rate": float(drop_path_rate), "use_checkpoint": bool(use_checkpoint),
+            "input_norm": input_norm,
         }
+        self.input_norm = input_norm
         self.use_checkpoint = bool(use_checkpoint)
         self.spatial_dims, self.in_channels, self.out_dim = spatial_dims, in_channels, hidden_size
         self.patch_size = tuple(patch)
@@ -243,6 +259,8 @@ class ViTBackbone(Backbone):
     def _embed(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         """CLS + patch tokens with position embeddings, patches reduced to ``keep``."""
         self._check_input(x, self.patch_size)
+        if self.input_norm == "instance":
+            x = F.instance_norm(x, eps=1e-5)  # per sample and channel, no affine
         x = self.patch_embed(x)
         grid = x.shape[2:]
         x = x.flatten(2).transpose(1, 2)

@@ -187,15 +187,51 @@ def _unwrap_model(model: nn.Module) -> nn.Module:
 _Checkpoint = dict[str, tuple[str, torch.Tensor]]  # unwrapped name -> (file's name, tensor)
 
 
+# Backbone settings that change what the same weights compute (not their shapes), with the
+# value a file that does not record them was trained with.
+BEHAVIOUR_KEYS = {"input_norm": "none"}
+
+
+def stored_config(obj: Any) -> Mapping | None:
+    """The ``backbone_config`` recorded in a loaded export or Lightning checkpoint of ours."""
+    if not isinstance(obj, Mapping):
+        return None
+    config = obj.get("backbone_config")
+    hparams = obj.get("hyper_parameters")
+    if isinstance(hparams, Mapping) and isinstance(hparams.get("backbone_config"), Mapping):
+        config = hparams["backbone_config"]
+    return config if isinstance(config, Mapping) else None
+
+
+def check_behaviour(stored: Mapping | None, model: Any, source: str) -> None:
+    """Raise a ValueError when ``model`` (a backbone with ``config``) would compute something
+    else with the file's weights than the file's network did (``BEHAVIOUR_KEYS``)."""
+    own = getattr(model, "config", None)
+    if not isinstance(stored, Mapping) or not isinstance(own, Mapping) \
+            or stored.get("name") != own.get("name"):
+        return
+    for key, default in BEHAVIOUR_KEYS.items():
+        theirs, ours = stored.get(key, default), own.get(key, default)
+        if theirs != ours:
+            raise ValueError(f"{source} was trained with backbone.{key}={theirs}, but this "
+                             f"network has backbone.{key}={ours}: set backbone.{key}={theirs} "
+                             "(the same weights compute something else otherwise)")
+
+
 def _read_source(
     path_or_state_dict: str | Path | Mapping[str, torch.Tensor],
+    model: nn.Module | None = None,
 ) -> tuple[_Checkpoint, str]:
-    """Checkpoint tensors by unwrapped name, and a description of where they came from."""
+    """Checkpoint tensors by unwrapped name, and a description of where they came from;
+    with ``model``, first ``check_behaviour`` against the file's recorded backbone config."""
     if isinstance(path_or_state_dict, Mapping):
         raw, source = dict(path_or_state_dict), "in-memory state dict"
     else:
-        raw, kind = read_state_dict(path_or_state_dict)
+        obj = _load_file(path_or_state_dict)
+        raw, kind = _extract(obj, path_or_state_dict)
         source = f"{kind} file {str(path_or_state_dict)!r}"
+        if model is not None:
+            check_behaviour(stored_config(obj), model, source)
     ckpt: _Checkpoint = {}
     for name, tensor in raw.items():
         key = _unwrap_name(name)
@@ -314,8 +350,8 @@ def load_weights(
         ValueError: no key matched, names collide after unwrapping, or ``strict`` was violated;
             then nothing is loaded.
     """
-    ckpt, source = _read_source(path_or_state_dict)
     model = _unwrap_model(model)
+    ckpt, source = _read_source(path_or_state_dict, model)
     target = model.state_dict()
     is_skipped = _skipper(skip)
     candidates = _candidates(prefixes)
@@ -361,7 +397,7 @@ def load_encoder_weights(
         ValueError: no key matched, or ``strict`` was violated; then nothing is loaded.
     """
     encoder = _unwrap_model(segmenter).encoder
-    ckpt, source = _read_source(path_or_state_dict)
+    ckpt, source = _read_source(path_or_state_dict, encoder)
     target = encoder.state_dict()
     candidates = _candidates(ENCODER_PREFIXES)
     never = _skipper(())

@@ -13,6 +13,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
@@ -33,7 +34,7 @@ from medssl.data.table import CohortError, category_order, is_missing
 from medssl.models.backbones import build_backbone
 from medssl.models.classifier import Classifier
 from medssl.models.metrics import classification_report
-from medssl.models.weights import LoadReport
+from medssl.models.weights import LoadReport, check_behaviour
 from medssl.run.config import RunConfig, kwargs_for, plain, schema
 from medssl.run.dino import preprocessing
 from medssl.run.harness import Task, WeightSource, resume_checkpoint, run_dir, weight_source
@@ -274,6 +275,7 @@ def check_backbone_config(what: str, stored: Mapping, configured: Mapping) -> No
     differs).
     """
     stored, configured = _plain_json(dict(stored)), _plain_json(dict(configured))
+    check_behaviour(stored, SimpleNamespace(config=configured), what)
     differ = sorted(k for k in stored if stored[k] != configured.get(k))
     if not differ:
         return

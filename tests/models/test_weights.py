@@ -174,3 +174,30 @@ def test_report_truncates_long_lists():
     report = LoadReport([], [f"k{i}" for i in range(25)], [], [], "", "test")
     text = str(report)
     assert "loaded 0/25 keys from test" in text and "(+15 more)" in text
+
+
+def test_input_norm_standardises_each_input_and_must_match_the_file(tmp_path):
+    """``input_norm=instance``: a volume and any affine intensity change of it (a*x + b, a > 0)
+    give the same features; an export trained with it refuses a network without it."""
+    net = ViTBackbone(**TINY_VIT, input_norm="instance").eval()
+    x = torch.rand(2, 1, 16, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(net(x), net(3.0 * x + 0.7), atol=1e-4)
+        plain = ViTBackbone(**TINY_VIT)
+        plain.load_state_dict(net.state_dict())
+        assert not torch.allclose(plain.eval()(x), net(x), atol=1e-3)
+    path = tmp_path / "backbone.pt"
+    save_backbone(path, net)
+    assert load_weights(ViTBackbone(**TINY_VIT, input_norm="instance"), path, strict=True).complete
+    with pytest.raises(ValueError, match="backbone.input_norm=instance, but this network has "
+                                         "backbone.input_norm=none"):
+        load_weights(ViTBackbone(**TINY_VIT), path)
+    # A file that does not record input_norm was trained without it.
+    old = torch.load(path, weights_only=True)
+    del old["backbone_config"]["input_norm"]
+    torch.save(old, path)
+    assert load_weights(ViTBackbone(**TINY_VIT), path, strict=True).complete
+    with pytest.raises(ValueError, match="input_norm=none, but"):
+        load_weights(ViTBackbone(**TINY_VIT, input_norm="instance"), path)
+    with pytest.raises(ValueError, match="input_norm must be one of"):
+        ViTBackbone(**TINY_VIT, input_norm="batch")

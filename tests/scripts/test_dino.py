@@ -251,7 +251,7 @@ def test_recipe_defaults_follow_dino() -> None:
     """ViT: AdamW, stochastic depth 0.1; convnets: DINO's README recipe.
 
     Head batch norm stays on for the demo ViT: without it the demo collapses to uniform
-    outputs (teacher entropy fraction 1.0 by epoch 8), and no fix was found yet (issue 7).
+    outputs (teacher entropy fraction 1.0 by epoch 8), even with ``input_norm`` (issue 7).
     """
     vit = compose("dino", ["csv_path=x"])
     assert (vit.optimizer, vit.head_batch_norm, vit.drop_path_rate) == ("adamw", True, 0.1)
@@ -263,7 +263,9 @@ def test_recipe_defaults_follow_dino() -> None:
         assert list(cfg.global_crop_scale) == [0.14, 1.0]
         assert list(cfg.local_crop_scale) == [0.05, 0.14]
     medmnist = compose("dino", ["preset=medmnist", "csv_path=x"])
-    assert list(medmnist.backbone.patch_size) == [8, 8, 8] and medmnist.batch_size == 32
+    assert list(medmnist.backbone.patch_size) == [8, 8, 8] and medmnist.batch_size == 8
+    assert medmnist.lr * medmnist.batch_size / 256 == pytest.approx(5e-4)  # DINO's ViT-S peak
+    assert vit.backbone.input_norm == "instance"
     assert medmnist.knn_target == "label" and list(medmnist.val_folds) == ["val"]
 
 
