@@ -138,10 +138,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # ----- DINO pre-training on the training images, labels unused ----------------------
     export = out / "runs" / "dino" / "backbone.pt"
-    dino_seconds = 0.0
-    if not export.is_file():
-        dino_seconds = compose_run("dino", [*common, *DINO, *mode["dino"], "experiment=dino",
-                                            *args.set, *args.dino_set])
+    dino_timing = export.parent / "seconds.txt"  # written when the run has finished
+    if not dino_timing.is_file():
+        seconds = compose_run("dino", [*common, *DINO, *mode["dino"], "experiment=dino",
+                                       *args.set, *args.dino_set])
+        dino_timing.write_text(f"{seconds:.1f}")
+    dino_seconds = float(dino_timing.read_text())
 
     # ----- classification: DINO fine-tune, scratch, linear probe ------------------------
     runs = []
