@@ -367,9 +367,6 @@ class MaskedAutoencoder(L.LightningModule):
         mask = random_cuboid_mask(x.shape[0], self.grid, self.hparams.mask_percentage,
                                   generator=generator).to(x.device)
         loss, out = self.loss(x, mask)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"MAE loss is {loss.item()} at step {self.global_step}; "
-                                     "lower lr or raise warmup_epochs")
         bs = x.shape[0]
         self.log_dict({"train/mae_loss": loss, "train/lr": lr}, batch_size=bs, sync_dist=True)
         self.log("mae_loss", loss, batch_size=bs, prog_bar=True, logger=False)

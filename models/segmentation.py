@@ -259,9 +259,6 @@ class SegmentationModule(L.LightningModule):
         for group in self.optimizers().optimizer.param_groups:
             group["lr"] = encoder_lr if group["encoder"] else lr
         loss = self.criterion(self(batch["image"]), batch["label"])
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"segmentation loss is {loss.item()} at step "
-                                     f"{self.global_step}; lower lr")
         bs = batch["image"].shape[0]
         self.log_dict({"train/loss": loss, "train/lr": lr, "train/encoder_lr": encoder_lr},
                       batch_size=bs, sync_dist=True)

@@ -270,9 +270,13 @@ def test_validation_does_not_move_the_center(tmp_path: Path) -> None:
     [pytest.param(float("nan"), id="nan-crop"), pytest.param(float("inf"), id="inf-crop")],
 )
 def test_non_finite_loss_raises(tmp_path: Path, fill: float) -> None:
+    """The run layer's guard (one check for every method, DDP-safe) stops before any update."""
+    from medssl.run.guards import FiniteLossCheck, NonFiniteLossError
+
     module = _module()
-    with pytest.raises(FloatingPointError, match="DINO loss is nan at step 0"):
-        _trainer(tmp_path, max_steps=1).fit(module, _loader(2, fill=fill))
+    with pytest.raises(NonFiniteLossError, match="non-finite training loss .* at epoch 0, step 0"):
+        _trainer(tmp_path, max_steps=1, callbacks=[FiniteLossCheck()]).fit(
+            module, _loader(2, fill=fill))
     assert module.ema_updates == 0
 
 
