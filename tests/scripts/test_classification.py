@@ -348,6 +348,10 @@ def test_backbone_settings_without_parameters_may_differ(caplog) -> None:
     assert "backbone.dropout_rate: 0.1 in the file, 0.0 configured" in caplog.text
     with pytest.raises(ValueError, match=r"backbone.img_size: \[16, 16, 16\] in the file"):
         check_backbone_config("export.pt", dict(vit, img_size=[16, 16, 16]), vit)
+    # Same parameters, other computation: refused (a file without the key had none).
+    with pytest.raises(ValueError, match="trained with backbone.input_norm=none, but this "
+                                         "network has backbone.input_norm=instance"):
+        check_backbone_config("export.pt", vit, dict(vit, input_norm="instance"))
 
 
 def test_patience_stops_early(cls_cfg: DictConfig) -> None:
