@@ -169,3 +169,16 @@ def test_trainer_group_overrides_defaults_but_not_config_keys(tmp_path: Path) ->
     cfg = compose("dino", [*base, "+trainer.max_epochs=3"])
     with pytest.raises(ValueError, match="trainer.max_epochs -> n_epochs"):
         build_trainer(cfg, get_task("dino"), [])
+
+
+def test_precision_auto_is_bf16_only_on_gpus_that_support_it(monkeypatch) -> None:
+    from medssl.run import harness
+
+    assert harness.resolve_precision("auto", "cpu") == "32-true"
+    assert harness.resolve_precision("16-mixed", "gpu") == "16-mixed"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert harness.resolve_precision("auto", "auto") == "bf16-mixed"
+    assert harness.resolve_precision("auto", "cpu") == "32-true"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert harness.resolve_precision("auto", "gpu") == "32-true"
