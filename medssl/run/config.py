@@ -49,6 +49,7 @@ class RunConfig:
     num_nodes: int = MISSING
     trainer: dict[str, Any] = field(default_factory=dict)
     progress_bar: bool = MISSING
+    compile: bool = MISSING
     seed: int | None = MISSING
     monitor: str | None = MISSING
     monitor_mode: str = MISSING

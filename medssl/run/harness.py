@@ -22,6 +22,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from medssl.data.table import write_bad_rows
 from medssl.models.weights import LoadReport, load_weights
@@ -224,6 +225,30 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "32-true"
 
 
+def compile_networks(module: nn.Module) -> list[str]:
+    """``torch.compile`` every top-most backbone and segmentation network of ``module`` in
+    place (``nn.Module.compile``: parameter names, checkpoints and exports stay the same).
+
+    Only calls through the network itself are compiled; methods called directly (e.g. the
+    MAE encoder's ``forward_tokens``) run eagerly. Returns the compiled submodules' names.
+    """
+    from medssl.models.backbone_base import Backbone
+    from medssl.models.segmenters import Segmenter
+
+    names: list[str] = []
+
+    def visit(prefix: str, parent: nn.Module) -> None:
+        for name, child in parent.named_children():
+            if isinstance(child, (Backbone, Segmenter)):
+                child.compile()
+                names.append(prefix + name)
+            else:
+                visit(f"{prefix}{name}.", child)
+
+    visit("", module)
+    return names
+
+
 def build_trainer(cfg: DictConfig, task: Task, callbacks: list[L.Callback],
                   resume_step: int = 0) -> L.Trainer:
     """Lightning trainer: CPU, one GPU or DDP over ``devices``/``num_nodes``; extra Trainer
@@ -294,6 +319,8 @@ def run(cfg: DictConfig) -> L.Trainer:
     if source is not None and source.pretrained and resume is None:
         report = task.load_pretrained(module, source)
         (log.info if report.complete else log.warning)("%s: %s", source.key, report)
+    if cfg.compile:
+        log.info("torch.compile: %s", ", ".join(compile_networks(module)) or "nothing to compile")
     with run_lock(run_dir(cfg)):
         save_config(cfg)
         save_bad_rows(cfg, data)

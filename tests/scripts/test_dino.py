@@ -317,3 +317,27 @@ def test_knn_target_named_label(dino_cfg: DictConfig, demo, cache: str) -> None:
          cache=cache, cache_dir=str(Path(dino_cfg.results_dir) / "cache"))
     trainer = run_dino(dino_cfg)
     assert "val/knn_auc" in trainer.callback_metrics
+
+
+def test_compile_keeps_weights_and_checkpoint_keys(dino_cfg: DictConfig, monkeypatch) -> None:
+    """compile=true compiles the backbones in place (TorchDynamo traces them; the eager
+    backend keeps the test fast) and the checkpoint and export keep their plain names."""
+    compiled = []
+    real_compile = torch.compile
+
+    def eager_compile(model, **kwargs):
+        compiled.append(model)
+        return real_compile(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    _set(dino_cfg, compile=True, experiment="compiled")
+    trainer = run_dino(dino_cfg)
+    module = trainer.lightning_module
+    assert len(compiled) == 2  # student and teacher backbones
+    assert module.student_backbone._compiled_call_impl is not None
+    out = Path(dino_cfg.results_dir) / "compiled"
+    export = torch.load(out / "backbone.pt", weights_only=True)["state_dict"]
+    assert set(export) == set(module.teacher_backbone.state_dict())
+    assert not any("_orig_mod" in k for k in export)
+    state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert not any("_orig_mod" in k for k in state)
