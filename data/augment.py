@@ -273,16 +273,17 @@ class RandCropView(Randomizable, Transform):
         blur = self._blur_matrices() if d["sigma"] is not None else None
         if d["angles"].any():
             # Channels become the batch so each is sampled alike; one resample to the output.
-            x = F.grid_sample(x[:, None], self._sampling_grid(shape).expand(x.shape[0], *[-1] * (
-                len(shape) + 1)), mode="bilinear", padding_mode=self.padding_mode,
-                align_corners=False)[:, 0]
+            grid = self._sampling_grid(shape).to(x.device)
+            x = F.grid_sample(x[:, None], grid.expand(x.shape[0], *[-1] * (len(shape) + 1)),
+                              mode="bilinear", padding_mode=self.padding_mode,
+                              align_corners=False)[:, 0]
             mats = blur
         else:
             mats = self._axis_matrices(shape)
             if blur is not None:  # blur folds into the resampling: still one pass
                 mats = [b @ m for b, m in zip(blur, mats, strict=True)]
         if mats is not None:
-            x = _apply_along_axes(x, [torch.as_tensor(m, dtype=torch.float32) for m in mats])
+            x = _apply_along_axes(x, mats)
         if d["intensity"] is not None:
             x = x * d["intensity"]
         dims = tuple(range(1, x.ndim))
@@ -292,20 +293,23 @@ class RandCropView(Randomizable, Transform):
             x = ((x - lo) / (span + _GAMMA_EPS)).pow(d["gamma"]) * span + lo
         if d["noise_std"] is not None:
             gen = torch.Generator().manual_seed(d["noise_seed"])
-            x = x + d["noise_std"] * torch.randn(x.shape, generator=gen)
+            x = x + d["noise_std"] * torch.randn(x.shape, generator=gen).to(x.device)
         if d["invert"]:
             x = x.amin(dim=dims, keepdim=True) + x.amax(dim=dims, keepdim=True) - x
         return x.contiguous()
 
 
-def _apply_along_axes(x: torch.Tensor, mats: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Multiply x (C, *S) along each spatial axis k by mats[k] (m_k, S_k) -> (C, *m)."""
+def _apply_along_axes(x: torch.Tensor, mats: Sequence[np.ndarray]) -> torch.Tensor:
+    """Multiply x (C, *S) along each spatial axis k by mats[k] (m_k, S_k) -> (C, *m), on
+    x's device (the matrices are found on the host: no device syncs)."""
     # Only the input columns a matrix uses are read: local crops touch a fraction of the volume.
-    mats = list(mats)
+    narrowed = []
     for k, mat in enumerate(mats):
-        used = mat.abs().sum(0).nonzero()
+        used = np.flatnonzero(np.abs(mat).sum(0))
         lo, hi = int(used.min()), int(used.max()) + 1
-        x, mats[k] = x.narrow(k + 1, lo, hi - lo), mat[:, lo:hi]
+        x = x.narrow(k + 1, lo, hi - lo)
+        narrowed.append(torch.as_tensor(mat[:, lo:hi], dtype=torch.float32, device=x.device))
+    mats = narrowed
     for k, mat in enumerate(mats):
         dim = k + 1
         if dim == x.ndim - 1:

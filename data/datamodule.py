@@ -5,13 +5,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 from monai.data import DataLoader, Dataset
+from monai.transforms import Randomizable
 from monai.utils import look_up_option
-from torch.utils.data import RandomSampler
+from torch.utils.data import RandomSampler, default_collate
 
+from medssl.data.cache import IMAGE
 from medssl.data.pipeline import CACHE_MODES, Preprocessing, bad_sample_mode, make_datasets
 from medssl.data.table import BadRows, Cohort
 from medssl.data.workers import AUTO, check_n_workers, loader_workers, trainer_layout, usable_cpus
@@ -37,6 +40,28 @@ class EpochRandomSampler(RandomSampler):
         self.generator.manual_seed(self.seed * 1_000_003 + epoch)
 
 
+def augment_batch(batch: dict, transforms: Sequence[Callable]) -> dict:
+    """Apply ``transforms`` to each sample of a collated batch where it lies (e.g. on the GPU)
+    and collate the results back: ``image`` (B, C, *S) in, e.g. MultiCropd's ``crops`` (one
+    (B, C, *size) tensor per view) out; other batch keys are kept.
+
+    Randomizable transforms are re-seeded from torch's generator first, which the run seeds
+    per (seed, epoch, batch): a resumed run draws the same views.
+    """
+    batch = dict(batch)
+    images = batch.pop(IMAGE)
+    for t in transforms:
+        if isinstance(t, Randomizable):
+            t.set_random_state(seed=int(torch.randint(0, 2**31 - 1, ())))
+    items = []
+    for i, image in enumerate(images):
+        item: dict = {IMAGE: image, "row": batch["row"][i] if "row" in batch else ""}
+        for t in transforms:
+            item = t(item)
+        items.append({k: v for k, v in item.items() if k != "row"})
+    return batch | default_collate(items)
+
+
 class CohortDataModule(L.LightningDataModule):
     """Train/val/test/predict datasets from one cohort CSV.
 
@@ -53,6 +78,10 @@ class CohortDataModule(L.LightningDataModule):
             share them).
         settings: deterministic preprocessing.
         augment: split name -> random transforms applied after preprocessing.
+        device_augment: random transforms applied to each training sample after its batch
+            reached the device (``augment_batch``): crops of a GPU run are then cut and
+            augmented on the GPU instead of in CPU workers. Validation and test batches are
+            left alone.
         batch_size: samples per device and training step.
         eval_batch_size: samples per device for val/test/predict (None: ``batch_size``).
         n_workers: data loader processes per device, or ``auto`` (``medssl.data.workers``:
@@ -78,6 +107,7 @@ class CohortDataModule(L.LightningDataModule):
 
     def __init__(self, csv_path: str | Path, task: str, splits: Mapping[str, Folds],
                  settings: Preprocessing, augment: Mapping[str, Sequence[Callable]] | None = None,
+                 device_augment: Sequence[Callable] = (),
                  batch_size: int = 2, eval_batch_size: int | None = None,
                  n_workers: int | str = 0, targets: Sequence[str] = (), cache: str = "none",
                  cache_dir: str | Path | None = None, reset_cache: bool = False,
@@ -96,7 +126,7 @@ class CohortDataModule(L.LightningDataModule):
         self.on_bad_sample = bad_sample_mode(on_bad_sample)
         self.csv_path, self.task, self.settings = csv_path, task, settings
         self.splits = dict(splits)
-        self.augment = augment
+        self.augment, self.device_augment = augment, list(device_augment)
         self.batch_size, self.n_workers = batch_size, n_workers
         self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
         self.targets = list(targets)
@@ -156,6 +186,12 @@ class CohortDataModule(L.LightningDataModule):
         return DataLoader(dataset, batch_size=batch_size,
                           sampler=EpochRandomSampler(dataset, self.seed) if train else None,
                           drop_last=train, **self.loader_options())
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = self.trainer
+        if self.device_augment and trainer is not None and trainer.training:
+            return augment_batch(batch, self.device_augment)
+        return batch
 
     def train_dataloader(self) -> DataLoader:
         n = len(self._dataset("train"))

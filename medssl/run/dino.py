@@ -73,6 +73,7 @@ class DinoConfig(RunConfig):
     local_blur_prob: float = MISSING
     local_invert_prob: float = MISSING
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    augment_on_device: bool = MISSING
     optimizer: str = MISSING
     out_dim: int = MISSING
     hidden_dim: int = MISSING
@@ -114,10 +115,14 @@ class DinoTask(Task):
     def build_data(self, cfg: DictConfig) -> CohortDataModule:
         # Validation crops are seeded per row: val/dino_loss is comparable across epochs.
         val_crops = self._multicrop(cfg, fixed_seed=0 if cfg.seed is None else cfg.seed)
+        # augment_on_device: loaders hand over whole preprocessed volumes and the crops are
+        # cut and augmented where the batch lands (the GPU), not in CPU workers.
+        train_crops = [self._multicrop(cfg)]
         return CohortDataModule(**kwargs_for(
             CohortDataModule, cfg, task="ssl", settings=preprocessing(cfg),
             splits={"train": plain(cfg.train_folds), "val": plain(cfg.val_folds) or None},
-            augment={"train": [self._multicrop(cfg)], "val": [val_crops]}))
+            augment={"train": [] if cfg.augment_on_device else train_crops, "val": [val_crops]},
+            device_augment=train_crops if cfg.augment_on_device else ()))
 
     def build_module(self, cfg: DictConfig, data: L.LightningDataModule) -> DINO:
         module = DINO(**kwargs_for(DINO, cfg, backbone_config=plain(cfg.backbone)))

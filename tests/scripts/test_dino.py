@@ -341,3 +341,30 @@ def test_compile_keeps_weights_and_checkpoint_keys(dino_cfg: DictConfig, monkeyp
     assert not any("_orig_mod" in k for k in export)
     state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert not any("_orig_mod" in k for k in state)
+
+
+def test_augment_on_device_cuts_crops_after_transfer(dino_cfg: DictConfig) -> None:
+    """augment_on_device: the loader yields whole volumes; the crops are cut per batch where
+    it landed, seeded from torch's generator (the same draws for the same seed)."""
+    from medssl.data.datamodule import augment_batch
+    from medssl.run.tasks import get_task
+
+    _set(dino_cfg, augment_on_device=True, experiment="device_aug")
+    task = get_task("dino")
+    data = task.build_data(dino_cfg)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    assert "crops" not in batch and tuple(batch["image"].shape) == (2, 1, 16, 32, 32)
+    crops = data.device_augment
+    torch.manual_seed(3)
+    first = augment_batch(batch, crops)
+    torch.manual_seed(3)
+    again = augment_batch(batch, crops)
+    shapes = [tuple(c.shape) for c in first["crops"]]
+    assert shapes == [(2, 1, 16, 32, 32)] * 2 + [(2, 1, 8, 16, 16)] * 2
+    assert all(torch.equal(a, b) for a, b in zip(first["crops"], again["crops"], strict=True))
+    assert not torch.equal(first["crops"][0][0], first["crops"][0][1])  # per-sample draws
+    assert first["PatientID"] == batch["PatientID"]
+    trainer = run_dino(dino_cfg)
+    assert trainer.global_step > 0
+    assert torch.isfinite(trainer.callback_metrics["train/dino_loss"])
