@@ -91,11 +91,14 @@ def load_splits(csv_path: str | Path, target: str, resize_to: Sequence[int],
     """
     datasets, cohort = make_datasets(csv_path, "classification", dict(folds),
                                      Preprocessing(resize_to=tuple(resize_to)), targets=[target])
+    # Targets come from the validated rows (encoded there); items carry each row's ``row`` id
+    # (a target column may be called "label", a name items keep for label maps).
+    encoded = {r["row"]: int(r[target]) for r in cohort.records}
     out = {}
     for name, dataset in datasets.items():
         items = [dataset[i] for i in range(len(dataset))]
         images = torch.stack([_plain(item[IMAGE]) for item in items])
-        out[name] = Split(images, np.array([int(item[target]) for item in items]))
+        out[name] = Split(images, np.array([encoded[item["row"]] for item in items]))
     return out, cohort.encodings[target]
 
 
