@@ -116,9 +116,11 @@ class _PersistentDataset(_ClearErrors, PersistentDataset):
         # A freshly computed item holds MetaTensors, one read back from disk (track_meta=
         # False) plain tensors; serve plain tensors always, or a batch mixing both (a file
         # shared by rows, a run resumed within its first epoch) cannot be collated.
-        cached = {k: v.as_tensor() if isinstance(v, MetaTensor) else v for k, v in cached.items()}
-        # Files are keyed by what preprocessing reads, so CSV-only fields (targets, fold,
-        # row) of a cached copy may be stale: take those from the current item.
+        cached = {k: v.as_tensor() if isinstance(v, MetaTensor) else v for k, v in cached.items()
+                  if k in CACHED_KEYS}
+        # Files are keyed by what preprocessing reads, so any other field of a cached copy
+        # (targets, fold, row, a monitor's class key) belongs to whichever dataset wrote it
+        # first: serve the volumes from the file and everything else from the current item.
         live = {k: v for k, v in item_transformed.items() if k not in CACHED_KEYS}
         return {**cached, **live}
 

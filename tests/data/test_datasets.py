@@ -272,6 +272,24 @@ def test_disk_cache_serves_current_csv_fields(demo: DemoPaths, tmp_path: Path) -
     assert after["P02SEX"] == SEXES.index(other) != before["P02SEX"]
 
 
+
+def test_disk_cache_serves_no_fields_of_the_dataset_that_wrote_it(demo: DemoPaths,
+                                                                   tmp_path: Path) -> None:
+    """Two datasets over the same files share cached volumes, never each other's extra
+    fields (a k-NN monitor's class key leaking into training items broke collation)."""
+    from medssl.data.pipeline import preprocessing_transforms, to_items
+
+    rows = read_cohort(demo.classification_csv, "classification").select([0])
+    steps = preprocessing_transforms(SMALL)
+    tagged = build_dataset([dict(i, extra=7) for i in to_items(rows, "ssl")], steps, SMALL,
+                           "disk", tmp_path)
+    plain = build_dataset(to_items(rows, "ssl"), steps, SMALL, "disk", tmp_path)
+    assert tagged[0]["extra"] == 7  # writes the file
+    served = plain[0]  # reads it back
+    assert "extra" not in served and torch.equal(served["image"], tagged[0]["image"])
+    assert served["row"] == rows[0]["row"]  # CSV fields from the current item
+
+
 # ----- splits (issue 12, item 9) ----------------------------------------------------------
 
 
