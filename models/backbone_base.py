@@ -16,7 +16,21 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["Backbone", "as_size", "check_positive_int", "check_spatial_dims", "checkpointed"]
+__all__ = ["POOLINGS", "Backbone", "as_size", "check_positive_int", "check_spatial_dims",
+           "checkpointed", "pooled_features"]
+
+
+# Feature pooling of token backbones: ``cls`` (the ViT's CLS token, what DINO's head trains) or
+# ``mean`` (mean of the patch tokens). Convnets always pool globally.
+POOLINGS = ("cls", "mean")
+
+
+def pooled_features(backbone: nn.Module, x: torch.Tensor, pooling: str = "cls") -> torch.Tensor:
+    """(B, out_dim) features of ``x``: ``backbone(x)``, or for token backbones with
+    ``pooling="mean"`` the mean of the patch tokens (``forward_tokens`` without the CLS)."""
+    if pooling == "mean" and hasattr(backbone, "forward_tokens"):
+        return backbone.forward_tokens(x)[:, 1:].mean(1)
+    return backbone(x)
 
 
 def check_spatial_dims(spatial_dims: int) -> None:

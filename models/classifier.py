@@ -18,6 +18,7 @@ from monai.utils import look_up_option
 from torch import Tensor, nn
 from torchmetrics import CatMetric
 
+from medssl.models.backbone_base import POOLINGS, pooled_features
 from medssl.models.backbones import build_backbone
 from medssl.models.dino import warmup_cosine
 from medssl.models.metrics import mean_metrics, target_metrics
@@ -67,6 +68,8 @@ class Classifier(L.LightningModule):
         freeze_backbone_epochs: the first epochs train the heads only (finetune): the
             backbone stays in eval mode and its gradients are dropped before clipping.
         grad_clip: maximum global gradient norm; 0 disables clipping.
+        pooling: features of token backbones (ViT): ``cls`` token or ``mean`` of the patch
+            tokens (``pooled_features``); convnets always pool globally.
     """
 
     def __init__(self, backbone_config: Mapping, classes: Mapping[str, Sequence[str]],
@@ -74,9 +77,10 @@ class Classifier(L.LightningModule):
                  train_mode: str = "finetune", lr: float = 1e-3, min_lr: float = 0.0,
                  warmup_epochs: int = 0, weight_decay: float = 0.05,
                  backbone_lr_scale: float = 1.0, freeze_backbone_epochs: int = 0,
-                 grad_clip: float = 0.0) -> None:
+                 grad_clip: float = 0.0, pooling: str = "cls") -> None:
         super().__init__()
         look_up_option(train_mode, TRAIN_MODES)
+        look_up_option(pooling, POOLINGS)
         if not classes:
             raise ValueError("classes must name at least one target")
         few = {t: list(c) for t, c in classes.items() if len(c) < 2}
@@ -141,16 +145,17 @@ class Classifier(L.LightningModule):
 
     def features(self, image: Tensor, record_index: Tensor | None = None) -> Tensor:
         """Backbone features (B, out_dim); in linear mode computed once per row and reused."""
+        pooling = self.hparams.get("pooling", "cls")  # checkpoints from before the option
         if not self.linear:
-            return self.backbone(image)
+            return pooled_features(self.backbone, image, pooling)
         if record_index is None:
             with torch.no_grad():
-                return self.backbone(image).float()
+                return pooled_features(self.backbone, image, pooling).float()
         rows = record_index.tolist()
         todo = [i for i, r in enumerate(rows) if r not in self._features]
         if todo:
             with torch.no_grad():
-                new = self.backbone(image[todo]).float()
+                new = pooled_features(self.backbone, image[todo], pooling).float()
             self._features.update({rows[i]: f for i, f in zip(todo, new, strict=True)})
         return torch.stack([self._features[r] for r in rows])
 

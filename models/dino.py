@@ -26,6 +26,7 @@ from lightly.utils.scheduler import cosine_schedule
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from medssl.models.backbone_base import POOLINGS, pooled_features
 from medssl.models.backbones import build_backbone
 from medssl.models.monitors import (
     crop_grid,
@@ -36,7 +37,6 @@ from medssl.models.monitors import (
 from medssl.models.optim import adamw
 
 CENTERINGS = ("mean", "sinkhorn_knopp")
-POOLINGS = ("cls", "mean")
 
 
 def warmup_cosine(step: int, total: int, warmup: int, start: float, end: float) -> float:
@@ -183,9 +183,7 @@ class DINO(L.LightningModule):
 
     # ----- forward passes -------------------------------------------------------------
     def _features(self, backbone: nn.Module, x: Tensor) -> Tensor:
-        if self.hparams.pooling == "mean" and hasattr(backbone, "forward_tokens"):
-            return backbone.forward_tokens(x)[:, 1:].mean(1)
-        return backbone(x)
+        return pooled_features(backbone, x, self.hparams.pooling)
 
     def _backbone_multicrop(self, backbone: nn.Module, crops: list[Tensor]) -> Tensor:
         """Run the backbone once per group of equally shaped crops (facebookresearch/dino

@@ -57,6 +57,7 @@ class ClassificationConfig(RunConfig):
     warmup_epochs: int = MISSING
     weight_decay: float = MISSING
     backbone_lr_scale: float = MISSING
+    pooling: str = MISSING
     freeze_backbone_epochs: int = MISSING
     grad_clip: float = MISSING
     class_weights: str = MISSING

@@ -169,3 +169,18 @@ class _Modes(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, module: Classifier, *args: object) -> None:
         self.modes.append((trainer.current_epoch, module.backbone.training))
+
+
+@pytest.mark.parametrize("train_mode", ["finetune", "linear"])
+def test_mean_pooling_feeds_the_heads_the_mean_patch_token(train_mode: str) -> None:
+    torch.manual_seed(0)
+    model = Classifier(backbone_config=VIT, classes=CLASSES, pooling="mean",
+                       train_mode=train_mode).eval()
+    x = torch.rand(2, 1, 8, 8, 8)
+    with torch.no_grad():
+        tokens = model.backbone.forward_tokens(x)  # (B, 1 + patches, D): CLS first
+        expected = tokens[:, 1:].mean(1)
+        assert torch.allclose(model.features(x), expected, atol=1e-6)
+        assert not torch.allclose(expected, tokens[:, 0])
+    with pytest.raises(ValueError, match="'max'"):
+        Classifier(backbone_config=VIT, classes=CLASSES, pooling="max")
