@@ -137,8 +137,9 @@ class ViTBackbone(Backbone):
             scaled to [0, 1] with much shared background give a fresh ViT features that are
             ~99% the same for every input (the common intensity level and the empty patches
             dominate the pooled tokens); DINO's centred teacher is then uniform from its first
-            step and training collapses (issue 7). Standardising restores the between-sample
-            spread that natural images normalised with dataset statistics have.
+            step and training collapses (issue 7). Standardising raises that spread (0.09 ->
+            0.15 of the feature norm on AdrenalMNIST3D), as normalising natural images with
+            dataset statistics does for DINO's ImageNet ViTs.
     """
 
     name = "vit"
