@@ -145,7 +145,7 @@ class Classifier(L.LightningModule):
 
     def features(self, image: Tensor, record_index: Tensor | None = None) -> Tensor:
         """Backbone features (B, out_dim); in linear mode computed once per row and reused."""
-        pooling = self.hparams.get("pooling", "cls")  # checkpoints from before the option
+        pooling = self.hparams.pooling
         if not self.linear:
             return pooled_features(self.backbone, image, pooling)
         if record_index is None:

@@ -203,10 +203,10 @@ def stored_config(obj: Any) -> Mapping | None:
     return config if isinstance(config, Mapping) else None
 
 
-def check_behaviour(stored: Mapping | None, model: Any, source: str) -> None:
-    """Raise a ValueError when ``model`` (a backbone with ``config``) would compute something
-    else with the file's weights than the file's network did (``BEHAVIOUR_KEYS``)."""
-    own = getattr(model, "config", None)
+def check_behaviour(stored: Mapping | None, own: Mapping | None, source: str) -> None:
+    """Raise a ValueError when a backbone built from ``own`` (its config) would compute
+    something else with the file's weights than the file's network (config ``stored``) did
+    (``BEHAVIOUR_KEYS``)."""
     if not isinstance(stored, Mapping) or not isinstance(own, Mapping) \
             or stored.get("name") != own.get("name"):
         return
@@ -231,7 +231,7 @@ def _read_source(
         raw, kind = _extract(obj, path_or_state_dict)
         source = f"{kind} file {str(path_or_state_dict)!r}"
         if model is not None:
-            check_behaviour(stored_config(obj), model, source)
+            check_behaviour(stored_config(obj), getattr(model, "config", None), source)
     ckpt: _Checkpoint = {}
     for name, tensor in raw.items():
         key = _unwrap_name(name)

@@ -13,7 +13,6 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
@@ -34,7 +33,7 @@ from medssl.data.table import CohortError, category_order, is_missing
 from medssl.models.backbones import build_backbone
 from medssl.models.classifier import Classifier
 from medssl.models.metrics import classification_report
-from medssl.models.weights import LoadReport, check_behaviour
+from medssl.models.weights import LoadReport, check_behaviour, stored_config
 from medssl.run.config import RunConfig, kwargs_for, plain, schema
 from medssl.run.dino import preprocessing
 from medssl.run.harness import Task, WeightSource, resume_checkpoint, run_dir, weight_source
@@ -258,15 +257,6 @@ def _plain_json(value: Any) -> Any:
     return json.loads(json.dumps(value))  # tuples -> lists, as stored in files
 
 
-def stored_backbone_config(checkpoint: Mapping) -> dict | None:
-    """The backbone config inside our export or Lightning checkpoint (None: not recorded)."""
-    config = checkpoint.get("backbone_config")
-    hparams = checkpoint.get("hyper_parameters")
-    if isinstance(hparams, Mapping) and isinstance(hparams.get("backbone_config"), Mapping):
-        config = hparams["backbone_config"]
-    return dict(config) if isinstance(config, Mapping) else None
-
-
 def check_backbone_config(what: str, stored: Mapping, configured: Mapping) -> None:
     """Raise a ValueError naming the backbone keys in which ``stored`` (a file's config)
     differs from ``configured``, when the difference changes the network's parameters.
@@ -276,7 +266,7 @@ def check_backbone_config(what: str, stored: Mapping, configured: Mapping) -> No
     differs).
     """
     stored, configured = _plain_json(dict(stored)), _plain_json(dict(configured))
-    check_behaviour(stored, SimpleNamespace(config=configured), what)
+    check_behaviour(stored, configured, what)
     differ = sorted(k for k in stored if stored[k] != configured.get(k))
     if not differ:
         return
@@ -345,9 +335,15 @@ class ClassificationTask(Task):
     def _check_checkpoint(path: str | Path, cfg: DictConfig, module: Classifier) -> None:
         """A checkpoint to resume or test must match the configured backbone and classes."""
         hparams = _read(path, cfg.trust_checkpoint).get("hyper_parameters", {})
-        stored = stored_backbone_config({"hyper_parameters": hparams})
+        stored = stored_config({"hyper_parameters": hparams})
         if stored is not None:
             check_backbone_config(str(path), stored, module.backbone.config)
+        # Checkpoints from before the option pooled the CLS token.
+        pooling = hparams.get("pooling", "cls")
+        if pooling != module.hparams.pooling:
+            raise ValueError(f"{path} was trained with pooling={pooling}, but "
+                             f"pooling={module.hparams.pooling} is configured: set "
+                             f"pooling={pooling} (the heads read those features)")
         classes = hparams.get("classes")
         if classes is not None and _plain_json(classes) != _plain_json(module.hparams.classes):
             raise ValueError(f"{path} was trained with classes {classes}, but the training rows "
@@ -356,7 +352,7 @@ class ClassificationTask(Task):
     def load_pretrained(self, module: L.LightningModule, source: WeightSource) -> LoadReport:
         """Check the file's recorded backbone config first, then load its backbone weights
         (our export, DINO's teacher, MAE's encoder, SuPreM; see ``load_weights``)."""
-        stored = stored_backbone_config(_read(source.path, trust=False))
+        stored = stored_config(_read(source.path, trust=False))
         if stored is not None:
             check_backbone_config(f"{source.key}={source.path}", stored, module.backbone.config)
         return super().load_pretrained(module, source)

@@ -139,6 +139,10 @@ def test_test_ckpt_evaluates_only(cls_cfg: DictConfig) -> None:
     assert table[1].split()[0] == "train" and table[1].split()[3] == \
         f"{trained['mean']['acc']:.3f}"
     assert table[2].startswith("evaluate ")
+    # The heads read the pooling they were trained on: another one is refused, not run.
+    _set(cls_cfg, experiment="other_pooling", pooling="cls")
+    with pytest.raises(ValueError, match="trained with pooling=mean, but pooling=cls"):
+        run(cls_cfg)
 
 
 def test_weight_sources_exclude_each_other(cls_cfg: DictConfig, tmp_path: Path) -> None:
