@@ -12,10 +12,16 @@ import torch
 from monai.data import DataLoader, Dataset
 from monai.transforms import Randomizable
 from monai.utils import look_up_option
-from torch.utils.data import RandomSampler, default_collate
+from torch.utils.data import DistributedSampler, RandomSampler, default_collate
 
 from medssl.data.cache import IMAGE
-from medssl.data.pipeline import CACHE_MODES, Preprocessing, bad_sample_mode, make_datasets
+from medssl.data.pipeline import (
+    CACHE_MODES,
+    Preprocessing,
+    bad_sample_mode,
+    make_datasets,
+    rank_share,
+)
 from medssl.data.table import BadRows, Cohort
 from medssl.data.workers import AUTO, check_n_workers, loader_workers, trainer_layout, usable_cpus
 
@@ -87,7 +93,11 @@ class CohortDataModule(L.LightningDataModule):
         n_workers: data loader processes per device, or ``auto`` (``medssl.data.workers``:
             sized from the usable CPUs and the trainer's devices, logged once).
         targets: target columns to validate and encode.
-        cache, cache_dir, reset_cache: see ``medssl.data.cache.build_dataset``.
+        cache, cache_dir, reset_cache: see ``medssl.data.cache.build_dataset``. Under DDP
+            with ``cache=memory`` each rank caches and serves only its share of every split
+            (``rank_share``: DistributedSampler's split, the training share drawn once per
+            run from ``seed``) instead of a copy of the whole cohort; each rank then
+            reshuffles its training share every epoch.
         slices: split name -> stored voxel axis; that split's volume rows become one 2D
             item per slice (e.g. ``{"train": 2}`` for 2D training, whole volumes elsewhere).
         empty_per_foreground: for sliced splits with labels, keep all foreground slices and
@@ -136,19 +146,40 @@ class CohortDataModule(L.LightningDataModule):
         self.datasets: dict[str, Dataset] = {}
         self.cohort: Cohort | None = None
         self._logged_workers: set[tuple[int, bool]] = set()
+        # (global rank, world size) this process will train as; an attached trainer's wins.
+        # The run sets it before ``setup`` (which comes before the trainer): medssl.run.harness.
+        self.layout: tuple[int, int] = (0, 1)
+        self.shard: tuple[int, int] | None = None  # the layout, when the memory cache is sharded
 
     def setup(self, stage: str | None = None) -> None:
         """Build every split's dataset (once; later calls, e.g. for ``test``, reuse them)."""
         if self.cohort is not None:
             return
+        trainer = self.trainer
+        if trainer is not None:
+            self.layout = (trainer.global_rank, trainer.world_size)
+        if self.cache == "memory" and self.layout[1] > 1:
+            self.shard = self.layout
         self.datasets, self.cohort = make_datasets(
             self.csv_path, self.task, self.splits, self.settings, targets=self.targets,
             augment=self.augment, cache=self.cache, cache_dir=self.cache_dir,
             reset_cache=self.reset_cache, slices=self.slices,
             empty_per_foreground=self.empty_per_foreground, seed=self.seed,
-            on_bad_sample=self.on_bad_sample)
+            on_bad_sample=self.on_bad_sample, select=self.select)
+        if self.shard is not None:
+            log.info("cache=memory under DDP: rank %d of %d caches and serves its share",
+                     *self.shard)
         log.info("%s: %s", Path(self.csv_path).name,
                  ", ".join(f"{n} {len(d)} items" for n, d in self.datasets.items()))
+
+    def select(self, name: str, items: list[dict], cohort: Cohort) -> list[dict]:
+        """The items split ``name`` serves, chosen before anything is cached: all of them, or
+        under a sharded memory cache this rank's share. Subclasses narrow them first (e.g. a
+        label subset) and call this last."""
+        if self.shard is None:
+            return items
+        return rank_share(items, *self.shard,
+                          shuffle_seed=(self.seed or 0) if name == "train" else None)
 
     @property
     def bad_rows(self) -> BadRows:
@@ -183,9 +214,15 @@ class CohortDataModule(L.LightningDataModule):
 
     def _loader(self, name: str, batch_size: int, train: bool = False) -> DataLoader:
         dataset = self._dataset(name)
-        return DataLoader(dataset, batch_size=batch_size,
-                          sampler=EpochRandomSampler(dataset, self.seed) if train else None,
-                          drop_last=train, **self.loader_options())
+        if self.shard is not None:
+            # Already this rank's share: a one-replica DistributedSampler, which Lightning
+            # keeps instead of splitting the share again (shuffled per (seed, epoch)).
+            sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=train,
+                                         seed=self.seed or 0)
+        else:
+            sampler = EpochRandomSampler(dataset, self.seed) if train else None
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train,
+                          **self.loader_options())
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         trainer = self.trainer

@@ -10,6 +10,7 @@ indexes a *stored* voxel axis: the NIfTI array's axis, or for DICOM the loader's
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -252,6 +253,26 @@ def _leave_out(cohort: Cohort, selected: dict[str, list[dict]],
     return kept
 
 
+def rank_share(items: Sequence[dict], rank: int, world_size: int,
+               shuffle_seed: int | None = None) -> list[dict]:
+    """The items that process ``rank`` of ``world_size`` serves, as torch's DistributedSampler
+    splits them for one epoch: (with ``shuffle_seed``: a seeded permutation of) the items,
+    padded by repeating them from the start to a multiple of ``world_size``, then every
+    ``world_size``-th from ``rank``. Every rank gets the same count, so their step counts
+    match; the shares are disjoint apart from the padding and together cover every item.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside a world of {world_size}")
+    order = list(range(len(items)))
+    if shuffle_seed is not None:
+        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(
+            shuffle_seed)).tolist()
+    total = math.ceil(len(order) / world_size) * world_size
+    if order:
+        order += (order * math.ceil(total / len(order)))[:total - len(order)]
+    return [items[i] for i in order[rank:total:world_size]]
+
+
 def make_datasets(
     csv_path: str | Path,
     task: str,
@@ -267,6 +288,7 @@ def make_datasets(
     empty_per_foreground: float | None = None,
     seed: int | None = 0,
     on_bad_sample: str = "error",
+    select: Callable[[str, list[dict], Cohort], list[dict]] | None = None,
 ) -> tuple[dict[str, Dataset], Cohort]:
     """Read the CSV, check every selected row and build one dataset per split.
 
@@ -293,6 +315,8 @@ def make_datasets(
         on_bad_sample: ``error`` raises listing every bad row; ``skip`` leaves out rows
             with CSV problems or (with ``validate``) unreadable volumes, moves them to
             ``cohort.rejected`` with their problems and logs their count.
+        select: (split name, items, cohort) -> the items that split serves, applied before
+            anything is cached (e.g. a label subset, or one DDP rank's share: ``rank_share``).
 
     Returns:
         the datasets by split and the cohort (its usable rows, target encodings and, under
@@ -324,6 +348,8 @@ def make_datasets(
         items[name] = expand_slices(items[name], axis, foreground=mark)
         if mark:
             items[name] = select_slices(items[name], empty_per_foreground, seed)
+    if select is not None:
+        items = {name: select(name, rows, cohort) for name, rows in items.items()}
     _check_dimensions(settings, items)
     base = preprocessing_transforms(settings, label=label)
     memory = None

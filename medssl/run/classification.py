@@ -117,17 +117,17 @@ def label_subset(rows: list[dict], fraction: float, target: str, seed: int) -> l
 
 
 class _Encoded(Dataset):
-    """Selected items of a dataset, each with ``targets`` (target -> category index, -1 when
-    empty) and ``record_index`` (the row's position in the cohort)."""
+    """A dataset's items, each with ``targets`` (target -> category index, -1 when empty) and
+    ``record_index`` (the row's position in the cohort)."""
 
-    def __init__(self, dataset: Dataset, positions: list[int], extra: list[dict]) -> None:
-        self.dataset, self.positions, self.extra = dataset, positions, extra
+    def __init__(self, dataset: Dataset, extra: list[dict]) -> None:
+        self.dataset, self.extra = dataset, extra
 
     def __len__(self) -> int:
-        return len(self.positions)
+        return len(self.extra)
 
     def __getitem__(self, i: int) -> dict:
-        return {**self.dataset[self.positions[i]], **self.extra[i]}
+        return {**self.dataset[i], **self.extra[i]}
 
 
 class ClassificationData(CohortDataModule):
@@ -167,11 +167,17 @@ class ClassificationData(CohortDataModule):
         self.classes: dict[str, list[str]] = {}
         self.train_rows: list[dict] = []
 
-    def setup(self, stage: str | None = None) -> None:
-        super().setup(stage)
-        if self.classes:
-            return
-        cohort = self.cohort
+    def select(self, name: str, items: list[dict], cohort: Any) -> list[dict]:
+        """Classes and the label subset from the training rows (checked before anything is
+        cached); the training split keeps only ``train_rows``."""
+        if not self.classes:
+            self._prepare(cohort)
+        if name == "train":
+            keep = {r["row"] for r in self.train_rows}
+            items = [item for item in items if item["row"] in keep]
+        return super().select(name, items, cohort)
+
+    def _prepare(self, cohort: Any) -> None:
         absent = [t for t in self.cls_targets if t not in cohort.records[0]]
         if absent:
             raise CohortError(f"{cohort.csv_path}: cls_targets {absent} are not columns of the "
@@ -184,14 +190,17 @@ class ClassificationData(CohortDataModule):
         self.train_rows = label_subset(train, self.label_fraction, self.cls_targets[0],
                                        self.seed)
         self._log_counts()
-        index = {r["row"]: k for k, r in enumerate(cohort.records)}
-        keep = {r["row"] for r in self.train_rows}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.cohort is not None:
+            return
+        super().setup(stage)
+        index = {r["row"]: k for k, r in enumerate(self.cohort.records)}
         for name, dataset in list(self.datasets.items()):
             rows = [item["row"] for item in dataset.data]
-            positions = [i for i, row in enumerate(rows) if name != "train" or row in keep]
-            extra = [{"targets": self.encode(cohort.records[index[rows[i]]]),
-                      "record_index": index[rows[i]]} for i in positions]
-            self.datasets[name] = _Encoded(dataset, positions, extra)
+            extra = [{"targets": self.encode(self.cohort.records[index[row]]),
+                      "record_index": index[row]} for row in rows]
+            self.datasets[name] = _Encoded(dataset, extra)
 
     def encode(self, record: Mapping) -> dict[str, int]:
         """Category index per target; -1 for an empty value."""

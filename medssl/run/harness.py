@@ -249,6 +249,25 @@ def compile_networks(module: nn.Module) -> list[str]:
     return names
 
 
+def process_layout(cfg: DictConfig) -> tuple[int, int]:
+    """(global rank, world size) that this process's trainer will have, known before the
+    trainer is built (its callbacks need the checked data): Lightning resolves them at
+    construction from ``devices``/``num_nodes`` and the launcher's environment (its own DDP
+    launch, torchrun, SLURM), so a bare trainer with the same layout is asked."""
+    quiet = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # its device report is printed once, by the real trainer
+    try:
+        probe = L.Trainer(accelerator=cfg.accelerator, devices=plain(cfg.devices),
+                          num_nodes=cfg.num_nodes,
+                          strategy=plain(cfg.trainer).get("strategy", "auto"), logger=False,
+                          enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False)
+    finally:
+        quiet.setLevel(level)
+    return probe.global_rank, probe.world_size
+
+
 def build_trainer(cfg: DictConfig, task: Task, callbacks: list[L.Callback],
                   resume_step: int = 0) -> L.Trainer:
     """Lightning trainer: CPU, one GPU or DDP over ``devices``/``num_nodes``; extra Trainer
@@ -310,10 +329,13 @@ def run(cfg: DictConfig) -> L.Trainer:
         check_loadable(source.path, cfg.trust_checkpoint)
     if cfg.seed is not None:
         L.seed_everything(cfg.seed, workers=True)
+    layout = process_layout(cfg)  # under DDP a memory cache holds only this rank's share
     data = task.build_data(cfg)
+    data.layout = layout
     data.setup("fit")  # every CSV and volume problem surfaces here, before training
     predict = task.build_predict_data(cfg)
     if predict is not None:
+        predict.layout = layout
         predict.setup("predict")
     module = task.build_module(cfg, data)
     if source is not None and source.pretrained and resume is None:

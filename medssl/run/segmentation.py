@@ -17,7 +17,6 @@ import lightning as L
 import numpy as np
 import torch
 from omegaconf import MISSING, DictConfig
-from torch.utils.data import Subset
 
 from medssl.data.datamodule import CohortDataModule
 from medssl.data.geometry import invert_to_file_grid, save_on_file_grid
@@ -99,23 +98,23 @@ class SegmentationData(CohortDataModule):
     def __init__(self, num_classes: int, label_fraction: float = 1.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.num_classes, self.label_fraction = num_classes, label_fraction
+        self._checked = False
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.cohort is not None:
-            return
-        super().setup(stage)  # reads the CSV, checks files and grids of every selected row
-        rows = {r["row"]: r for name, folds in self.splits.items() if name in self.datasets
-                for r in self.cohort.select(folds)}
-        check_label_values(list(rows.values()), self.num_classes, self.cohort.csv_path)
-        if self.label_fraction < 1 and "train" in self.datasets:
-            train = self.datasets["train"]
-            keep = labelled_subset([item["PatientID"] for item in train.data],
-                                   self.label_fraction, self.seed)
-            index = [i for i, item in enumerate(train.data) if item["PatientID"] in keep]
+    def select(self, name: str, items: list[dict], cohort: Any) -> list[dict]:
+        """Label values checked (once, every selected row) and the training subjects cut to
+        ``label_fraction``, before anything is cached."""
+        if not self._checked:
+            rows = {r["row"]: r for folds in self.splits.values() if folds
+                    for r in cohort.select(folds)}
+            check_label_values(list(rows.values()), self.num_classes, cohort.csv_path)
+            self._checked = True
+        if name == "train" and self.label_fraction < 1:
+            subjects = {item["PatientID"] for item in items}
+            keep = labelled_subset(list(subjects), self.label_fraction, self.seed)
+            items = [item for item in items if item["PatientID"] in keep]
             log.info("label_fraction %g: training on %d of %d subjects (%s)",
-                     self.label_fraction, len(keep),
-                     len({item["PatientID"] for item in train.data}), ", ".join(sorted(keep)))
-            self.datasets["train"] = Subset(train, index)
+                     self.label_fraction, len(keep), len(subjects), ", ".join(sorted(keep)))
+        return super().select(name, items, cohort)
 
 
 def _file_name(patient: str, row: str, repeated: bool) -> str:

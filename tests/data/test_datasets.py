@@ -21,6 +21,7 @@ from medssl.data.pipeline import (
     Preprocessing,
     make_datasets,
     preprocessing_transforms,
+    rank_share,
     to_items,
 )
 from medssl.data.table import CohortError, read_cohort
@@ -221,6 +222,44 @@ def test_datamodule_serves_every_split(demo: DemoPaths) -> None:
     assert len(data.val_dataloader().dataset) == int((df.fold == 3).sum())
     with pytest.raises(ValueError, match="no 'predict' split configured"):
         data.predict_dataloader()
+
+
+@pytest.mark.parametrize(("n", "world"), [(7, 2), (8, 2), (5, 3), (2, 4)])
+@pytest.mark.parametrize("seed", [None, 3])
+def test_rank_share_is_torchs_distributed_split(n: int, world: int, seed: int | None) -> None:
+    items = [{"row": f"line {i}"} for i in range(n)]
+    shares = [rank_share(items, rank, world, seed) for rank in range(world)]
+    for rank, share in enumerate(shares):
+        # The reference: what torch's DistributedSampler hands this rank in epoch 0.
+        sampler = torch.utils.data.DistributedSampler(
+            range(n), num_replicas=world, rank=rank, shuffle=seed is not None, seed=seed or 0)
+        assert share == [items[i] for i in sampler]
+    assert len({len(share) for share in shares}) == 1  # equal step counts on every rank
+    assert {item["row"] for share in shares for item in share} == {i["row"] for i in items}
+
+
+def test_memory_cache_under_ddp_holds_only_the_ranks_share(demo: DemoPaths) -> None:
+    splits = {"train": [0, 1, 2], "val": 3, "test": 4}
+    df = pd.read_csv(demo.classification_csv)
+    served: dict[str, list[str]] = {name: [] for name in splits}
+    for rank in (0, 1):
+        data = CohortDataModule(demo.classification_csv, "classification", splits, SMALL,
+                                batch_size=2, cache="memory", seed=5)
+        data.layout = (rank, 2)
+        data.setup("fit")
+        cache = data.datasets["train"].memory
+        volumes = {name: {i["image"] for i in d.data} for name, d in data.datasets.items()}
+        assert len(cache.entries) == len(set().union(*volumes.values()))  # nothing else
+        for name, dataset in data.datasets.items():
+            n = int(df.fold.isin(np.atleast_1d(splits[name])).sum())
+            assert len(dataset) == -(-n // 2)  # half, padded as DistributedSampler pads
+            served[name] += [item["PatientID"] for item in dataset]
+        # One-replica samplers: Lightning keeps them instead of splitting the share again.
+        for loader in (data.train_dataloader(), data.test_dataloader()):
+            assert isinstance(loader.sampler, torch.utils.data.DistributedSampler)
+            assert loader.sampler.num_replicas == 1
+    for name, folds in splits.items():  # the two ranks together serve every row
+        assert set(served[name]) == set(df[df.fold.isin(np.atleast_1d(folds))].PatientID)
 
 
 def test_datamodule_validates_all_splits_once_before_training(

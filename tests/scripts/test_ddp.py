@@ -2,7 +2,8 @@
 
 Each run must finish and write one set of outputs, as a single-process run does: one
 ``metrics.json``, one ``backbone.pt``, TensorBoard events from one process only, one
-``last.ckpt``; rank 1 writes nothing of its own. (DINO's DDP test is in tests/scripts/test_dino.py.)
+``last.ckpt``; rank 1 writes nothing of its own. With ``cache=memory`` each rank caches only
+its share of the cohort. (DINO's DDP test is in tests/scripts/test_dino.py.)
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def test_two_cpu_processes_write_one_set_of_outputs(demo, tmp_path: Path, script
          f"results_dir={tmp_path}", f"csv_path={getattr(demo, csv)}"],
         capture_output=True, text=True, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    # cache=memory: each rank knew its rank before setup and cached only its share.
+    for rank in (0, 1):
+        assert f"rank {rank} of 2 caches and serves its share" in result.stdout + result.stderr
     out = tmp_path / experiment
     assert [p.name for p in tmp_path.iterdir()] == [experiment]  # one run folder
     metrics = list(out.rglob("metrics.json"))

@@ -355,8 +355,11 @@ def test_label_fraction_trains_on_that_many_subjects(seg_cfg: DictConfig) -> Non
     data = TASK.build_data(_set(seg_cfg, label_fraction=0.4))
     data.setup("fit")
     train = data.datasets["train"]
-    subjects = {train.dataset.data[i]["PatientID"] for i in train.indices}
+    subjects = {item["PatientID"] for item in train.data}
     assert len(train) == 2 and len(subjects) == 2  # 40% of the 5 training subjects
+    # Chosen before caching: the memory cache holds no volume of the subjects left out.
+    cached = {json.loads(key)["image"] for key in train.memory.entries}
+    assert cached == {item["image"] for d in data.datasets.values() for item in d.data}
 
 
 # ----- real scans (skipped where ../shared/real_data is absent) ---------------------------------
