@@ -34,7 +34,7 @@ from medssl.models.backbones import build_backbone
 from medssl.models.classifier import Classifier
 from medssl.models.metrics import classification_report
 from medssl.models.weights import LoadReport, check_behaviour, stored_config
-from medssl.run.config import RunConfig, kwargs_for, plain, schema
+from medssl.run.config import RunConfig, backbone_config, kwargs_for, plain, schema
 from medssl.run.dino import preprocessing
 from medssl.run.harness import Task, WeightSource, resume_checkpoint, run_dir, weight_source
 
@@ -332,7 +332,7 @@ class ClassificationTask(Task):
         weights = None
         if cfg.class_weights == "balanced" and cfg.test_ckpt is None:
             weights = balanced_weights(data.train_labels(), data.classes)
-        module = Classifier(**kwargs_for(Classifier, cfg, backbone_config=plain(cfg.backbone),
+        module = Classifier(**kwargs_for(Classifier, cfg, backbone_config=backbone_config(cfg),
                                          classes=data.classes, class_weights=weights))
         module.backbone.check_input_size(plain(cfg.resize_to), "resize_to")
         checkpoint = cfg.test_ckpt or resume_checkpoint(cfg, weight_source(cfg))

@@ -49,6 +49,7 @@ class RunConfig:
     num_nodes: int = MISSING
     trainer: dict[str, Any] = field(default_factory=dict)
     progress_bar: bool = MISSING
+    channels_last: bool = MISSING
     compile: bool = MISSING
     seed: int | None = MISSING
     monitor: str | None = MISSING
@@ -105,6 +106,22 @@ def plain(value: Any) -> Any:
     if isinstance(value, DictConfig) or OmegaConf.is_list(value):
         return OmegaConf.to_container(value, resolve=True)
     return value
+
+
+# Keys the script configs set for their default ViT whatever the family (its position grid
+# from the input size; MAE 2D's patches): other families take any input size and have no such
+# arguments.
+VIT_ONLY_KEYS = ("img_size", "patch_size")
+
+
+def backbone_config(cfg: DictConfig) -> dict[str, Any]:
+    """The ``backbone`` group as ``build_backbone`` arguments, without ``VIT_ONLY_KEYS`` for
+    families other than the ViT (so ``backbone=unet3d`` works with every script as is)."""
+    config = plain(cfg.backbone)
+    if config["name"] != "vit":
+        for key in VIT_ONLY_KEYS:
+            config.pop(key, None)
+    return config
 
 
 def kwargs_for(fn: Callable, cfg: DictConfig, **given: Any) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from medssl.data.table import category_order, is_missing
 from medssl.models.dino import DINO
 from medssl.models.knn import KNNMonitor
 from medssl.models.weights import LoadReport
-from medssl.run.config import RunConfig, kwargs_for, plain, schema
+from medssl.run.config import RunConfig, backbone_config, kwargs_for, plain, schema
 from medssl.run.harness import Task, WeightSource
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ class DinoTask(Task):
             device_augment=train_crops if cfg.augment_on_device else ()))
 
     def build_module(self, cfg: DictConfig, data: L.LightningDataModule) -> DINO:
-        module = DINO(**kwargs_for(DINO, cfg, backbone_config=plain(cfg.backbone)))
+        module = DINO(**kwargs_for(DINO, cfg, backbone_config=backbone_config(cfg)))
         for what in ("global_crop_size", "local_crop_size"):
             module.student_backbone.check_input_size(cfg[what], what)
         return module

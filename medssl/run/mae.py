@@ -17,13 +17,9 @@ from omegaconf import MISSING, DictConfig
 from medssl.data.datamodule import CohortDataModule
 from medssl.data.pipeline import IMAGE
 from medssl.models.mae import MaskedAutoencoder, cuboid_grid, n_masked
-from medssl.run.config import RunConfig, kwargs_for, plain, schema
+from medssl.run.config import RunConfig, backbone_config, kwargs_for, plain, schema
 from medssl.run.dino import preprocessing
 from medssl.run.harness import Task
-
-# Keys the MAE configs set for their default ViT (its position grid and 2D patches); other
-# backbones take any input size and have no such arguments.
-VIT_ONLY_KEYS = ("img_size", "patch_size")
 
 
 @dataclass
@@ -104,12 +100,9 @@ class MaeTask(Task):
                                             plain(cfg.flip_axes))}))
 
     def build_module(self, cfg: DictConfig, data: L.LightningDataModule) -> MaskedAutoencoder:
-        backbone = plain(cfg.backbone)
-        if backbone["name"] != "vit":
-            for key in VIT_ONLY_KEYS:
-                backbone.pop(key, None)
         return MaskedAutoencoder(**kwargs_for(
-            MaskedAutoencoder, cfg, backbone_config=backbone, input_size=input_size(cfg),
+            MaskedAutoencoder, cfg, backbone_config=backbone_config(cfg),
+            input_size=input_size(cfg),
             mask_seed=0 if cfg.seed is None else cfg.seed, **plain(cfg.mae_cfg)))
 
 

@@ -26,7 +26,7 @@ from medssl.data.seg_transforms import SliceDimd, check_label_values, segmentati
 from medssl.data.table import read_cohort
 from medssl.models.segmentation import METRICS, SegmentationModule
 from medssl.models.weights import LoadReport, load_encoder_weights, load_segmenter_weights
-from medssl.run.config import RunConfig, kwargs_for, plain, schema
+from medssl.run.config import RunConfig, backbone_config, kwargs_for, plain, schema
 from medssl.run.harness import Task, WeightSource, run_dir
 
 log = logging.getLogger(__name__)
@@ -214,15 +214,6 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("dice", "hd95"):
         out[key] = _mean([v[key] for v in per_class.values() if v[key] is not None])
     return out | {"per_class": per_class}
-
-
-def backbone_config(cfg: DictConfig) -> dict[str, Any]:
-    """The encoder's ``build_backbone`` arguments: the ``backbone`` group without
-    ``img_size`` for families other than the ViT (the config sets it for every family)."""
-    config = plain(cfg.backbone)
-    if config["name"] != "vit":
-        config.pop("img_size", None)
-    return config
 
 
 class SegmentationTask(Task):

@@ -68,6 +68,21 @@ def test_readme_commands_compose() -> None:
     assert plain(cfg.backbone.img_size) == [32, 32, 32]  # the ViT grid follows resize_to
 
 
+@pytest.mark.parametrize("family", ["swin_unetr", "unet3d"])
+def test_every_backbone_family_builds_as_configured(family: str) -> None:
+    """``backbone=<family>`` as is: the ViT-only keys the config sets are not passed on."""
+    from types import SimpleNamespace
+
+    from medssl.run.classification import TASK
+
+    cfg = compose("classification", ["csv_path=x", f"backbone={family}",
+                                     "resize_to=[32,32,32]", "class_weights=none"])
+    module = TASK.build_module(cfg, SimpleNamespace(
+        classes={t: ["a", "b"] for t in cfg.cls_targets}))
+    assert module.backbone.config["name"] == family
+    assert "img_size" not in module.backbone.config
+
+
 def test_fit_then_test_writes_the_report(cls_cfg: DictConfig, demo) -> None:
     _set(cls_cfg, n_epochs=2, experiment="fit")
     trainer = run(cls_cfg)
