@@ -102,6 +102,10 @@ CASES: dict[str, tuple[str, list[str], Callable[[DictConfig, int], dict], bool]]
                             False),
     "segmentation-demo": ("segmentation", [], segmentation_batch, False),
     "mae3d-demo": ("mae3d", [], mae_batch, False),
+    # Convnets at the same demo size, for the channels_last comparison (--channels-last).
+    "segmentation-unet3d": ("segmentation", ["backbone=unet3d"], segmentation_batch, False),
+    "classification-unet3d": ("classification", ["backbone=unet3d", "class_weights=none"],
+                              classification_batch, False),
 }
 
 
@@ -230,6 +234,7 @@ def profile(module: L.LightningModule, batch: dict, args: argparse.Namespace,
 
 
 def run_case(name: str, args: argparse.Namespace) -> dict:
+    from medssl.run.harness import to_channels_last
     from medssl.run.tasks import get_task
 
     script, overrides, make_batch, _ = CASES[name]
@@ -238,6 +243,8 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
         torch.manual_seed(0)
         task = get_task(cfg.task)
         module = task.build_module(cfg, _stub_data(cfg))
+    if args.channels_last:
+        to_channels_last(module)  # what channels_last=true does in the run layer
     args.precision = args.precision or ("bf16-mixed" if args.device == "cuda"
                                         else "32-true")
     batch_size = args.batch or cfg.batch_size
@@ -287,6 +294,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=8, help="operators in the profile summary")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per case (default: torch's choice)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="convolutions in channels-last order (the channels_last switch)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -297,7 +306,8 @@ def main() -> None:
     names = args.case or [n for n, c in CASES.items() if args.full or not c[3]]
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"torch {torch.__version__}, lightning {L.__version__}, {torch.get_num_threads()} "
-          f"threads, device {args.device}, load average {load}\n")
+          f"threads, device {args.device}, channels_last {args.channels_last}, load average "
+          f"{load}\n")
     print("| case | precision | batch | s/step (median) | samples/s | GFLOP/step | "
           "achieved GFLOP/s (fastest step) | matmul GFLOP/s | % of matmul | AdamW share | "
           "AdamW ms: ours (loop, fused) | peak GB |")
@@ -309,6 +319,7 @@ def main() -> None:
         cmd += ["--precision", args.precision] if args.precision else []
         cmd += ["--batch", str(args.batch)] if args.batch else []
         cmd += ["--threads", str(args.threads)] if args.threads else []
+        cmd += ["--channels-last"] if args.channels_last else []
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             print(f"| {name} | failed: {out.stderr.strip().splitlines()[-1]} |", flush=True)

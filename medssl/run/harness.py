@@ -249,6 +249,20 @@ def compile_networks(module: nn.Module) -> list[str]:
     return names
 
 
+def to_channels_last(module: nn.Module) -> int:
+    """Every convolution weight of ``module`` in channels-last memory order in place
+    (``channels_last_3d`` for 3D, ``channels_last`` for 2D kernels); convolutions then produce
+    channels-last activations, which cuDNN's tensor-core kernels prefer. Parameter names and
+    values stay the same. Returns the number of convolutions converted."""
+    formats = {5: torch.channels_last_3d, 4: torch.channels_last}
+    converted = 0
+    for child in module.modules():
+        if isinstance(child, nn.modules.conv._ConvNd) and child.weight.dim() in formats:
+            child.to(memory_format=formats[child.weight.dim()])
+            converted += 1
+    return converted
+
+
 def process_layout(cfg: DictConfig) -> tuple[int, int]:
     """(global rank, world size) that this process's trainer will have, known before the
     trainer is built (its callbacks need the checked data): Lightning resolves them at
@@ -341,6 +355,8 @@ def run(cfg: DictConfig) -> L.Trainer:
     if source is not None and source.pretrained and resume is None:
         report = task.load_pretrained(module, source)
         (log.info if report.complete else log.warning)("%s: %s", source.key, report)
+    if cfg.channels_last:
+        log.info("channels_last: %d convolutions", to_channels_last(module))
     if cfg.compile:
         log.info("torch.compile: %s", ", ".join(compile_networks(module)) or "nothing to compile")
     with run_lock(run_dir(cfg)):

@@ -110,6 +110,34 @@ def test_every_backbone_family_composes_and_builds(family: str) -> None:
     assert module.network.encoder.name == family
 
 
+def test_channels_last_keeps_values_and_trains(seg_cfg: DictConfig,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    from medssl.run.harness import to_channels_last
+
+    cfg = compose("segmentation", ["csv_path=x", "backbone=unet3d",
+                                   f"patch_size={PATCHES['unet3d']}"])
+    module = TASK.build_module(cfg, None).eval()
+    x = torch.randn(1, 1, *PATCHES["unet3d"])
+    with torch.no_grad():
+        before = module.network(x)
+    keys = list(module.state_dict())
+    n = to_channels_last(module)
+    convs = [m for m in module.modules()  # Conv3d and ConvTranspose3d
+             if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    assert n == len(convs) > 0
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last_3d) for m in convs)
+    with torch.no_grad():
+        after = module.network(x)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)  # same function
+    assert list(module.state_dict()) == keys
+    # Through the run layer (the UNETR decoder's convolutions), one epoch.
+    with caplog.at_level(logging.INFO, logger="medssl.run.harness"):
+        trainer = run(_set(seg_cfg, channels_last=True, experiment="channels_last"))
+    assert re.search(r"channels_last: [1-9]\d* convolutions", caplog.text)
+    assert np.isfinite(_scalars(Path(seg_cfg.results_dir) / "channels_last", "train/loss")).all()
+    assert trainer.global_step > 0
+
+
 def test_bad_options_fail_before_training(seg_cfg: DictConfig) -> None:
     with pytest.raises(ValueError, match="resize_to must be null"):
         TASK.build_data(_set(seg_cfg, spatial_dims=2, resize_to=[16, 32]))
