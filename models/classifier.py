@@ -70,6 +70,8 @@ class Classifier(L.LightningModule):
         grad_clip: maximum global gradient norm; 0 disables clipping.
         pooling: features of token backbones (ViT): ``cls`` token or ``mean`` of the patch
             tokens (``pooled_features``); convnets always pool globally.
+        feature_norm: standardise the features by a batch norm without affine parameters
+            before the heads (always on in linear mode).
     """
 
     def __init__(self, backbone_config: Mapping, classes: Mapping[str, Sequence[str]],
@@ -77,7 +79,8 @@ class Classifier(L.LightningModule):
                  train_mode: str = "finetune", lr: float = 1e-3, min_lr: float = 0.0,
                  warmup_epochs: int = 0, weight_decay: float = 0.05,
                  backbone_lr_scale: float = 1.0, freeze_backbone_epochs: int = 0,
-                 grad_clip: float = 0.0, pooling: str = "cls") -> None:
+                 grad_clip: float = 0.0, pooling: str = "cls",
+                 feature_norm: bool = False) -> None:
         super().__init__()
         look_up_option(train_mode, TRAIN_MODES)
         look_up_option(pooling, POOLINGS)
@@ -100,9 +103,10 @@ class Classifier(L.LightningModule):
         self.backbone = build_backbone(**backbone_config)
         dim = self.backbone.out_dim
         self.linear = train_mode == "linear"
-        # Linear probe: features standardised by a batch norm without affine parameters (as
-        # MAE's linear probe), so one learning rate suits backbones of any feature scale.
-        self.feature_norm = nn.BatchNorm1d(dim, affine=False) if self.linear else nn.Identity()
+        # Features standardised by a batch norm without affine parameters (MAE's linear probe),
+        # so one learning rate suits backbones of any feature scale; always in linear mode.
+        norm = self.linear or feature_norm
+        self.feature_norm = nn.BatchNorm1d(dim, affine=False) if norm else nn.Identity()
         self.heads = nn.ModuleList(nn.Linear(dim, len(c)) for c in classes.values())
         for i, target in enumerate(self.targets):
             weight = None if class_weights is None else torch.tensor(

@@ -57,6 +57,7 @@ class ClassificationConfig(RunConfig):
     weight_decay: float = MISSING
     backbone_lr_scale: float = MISSING
     pooling: str = MISSING
+    feature_norm: bool = MISSING
     freeze_backbone_epochs: int = MISSING
     grad_clip: float = MISSING
     class_weights: str = MISSING
@@ -353,6 +354,13 @@ class ClassificationTask(Task):
             raise ValueError(f"{path} was trained with pooling={pooling}, but "
                              f"pooling={module.hparams.pooling} is configured: set "
                              f"pooling={pooling} (the heads read those features)")
+        # Checkpoints from before the option had it in linear mode only.
+        norm = hparams.get("feature_norm", False) or hparams.get("train_mode") == "linear"
+        if norm != (module.hparams.feature_norm or module.linear):
+            raise ValueError(f"{path} was trained with feature_norm={norm}, but "
+                             f"feature_norm={module.hparams.feature_norm} is configured "
+                             f"(train_mode={module.hparams.train_mode}): set "
+                             f"feature_norm={norm}")
         classes = hparams.get("classes")
         if classes is not None and _plain_json(classes) != _plain_json(module.hparams.classes):
             raise ValueError(f"{path} was trained with classes {classes}, but the training rows "

@@ -158,6 +158,27 @@ def test_test_ckpt_evaluates_only(cls_cfg: DictConfig) -> None:
     _set(cls_cfg, experiment="other_pooling", pooling="cls")
     with pytest.raises(ValueError, match="trained with pooling=mean, but pooling=cls"):
         run(cls_cfg)
+    # Likewise the feature standardisation before the heads.
+    _set(cls_cfg, experiment="other_norm", pooling="mean", feature_norm=True)
+    with pytest.raises(ValueError, match="trained with feature_norm=False, but feature_norm=True"):
+        run(cls_cfg)
+
+
+def test_feature_norm_standardises_what_the_heads_read(cls_cfg: DictConfig) -> None:
+    from medssl.run.classification import TASK
+
+    _set(cls_cfg, feature_norm=True)
+    data = TASK.build_data(cls_cfg)
+    data.setup("fit")
+    module = TASK.build_module(cls_cfg, data).train()
+    image = torch.rand(4, 1, *cls_cfg.resize_to) * 3 + 5  # any scale and offset
+    feats = module.feature_norm(module.features(image, None))
+    torch.testing.assert_close(feats.mean(0), torch.zeros(feats.shape[1]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(feats.var(0, unbiased=False), torch.ones(feats.shape[1]),
+                               atol=1e-2, rtol=0)
+    assert not list(module.feature_norm.parameters())  # nothing to learn, no lr to tune
+    _set(cls_cfg, feature_norm=False)
+    assert isinstance(TASK.build_module(cls_cfg, data).feature_norm, torch.nn.Identity)
 
 
 def test_weight_sources_exclude_each_other(cls_cfg: DictConfig, tmp_path: Path) -> None:
