@@ -159,8 +159,8 @@ def test_test_ckpt_evaluates_only(cls_cfg: DictConfig) -> None:
     with pytest.raises(ValueError, match="trained with pooling=mean, but pooling=cls"):
         run(cls_cfg)
     # Likewise the feature standardisation before the heads.
-    _set(cls_cfg, experiment="other_norm", pooling="mean", feature_norm=True)
-    with pytest.raises(ValueError, match="trained with feature_norm=False, but feature_norm=True"):
+    _set(cls_cfg, experiment="other_norm", pooling="mean", feature_norm=False)
+    with pytest.raises(ValueError, match="trained with feature_norm=True, but feature_norm=False"):
         run(cls_cfg)
 
 
