@@ -17,6 +17,7 @@ from medssl.data.pipeline import (
     Preprocessing,
     build_dataset,
     preprocessing_transforms,
+    rank_share,
     to_items,
 )
 from medssl.data.table import category_order, is_missing
@@ -175,19 +176,26 @@ class DinoTask(Task):
         # The whole volume at the global-crop size: what the teacher sees, un-augmented.
         settings = preprocessing(cfg, resize_to=plain(cfg.global_crop_size))
         steps = preprocessing_transforms(settings)
-        loaders = []
+        # Under DDP each rank caches and embeds its share of the monitor sets; the monitor
+        # gathers the features.
+        rank, world = data.layout
+        loaders, sizes = [], []
         for folds in (cfg.train_folds, cfg.val_folds):
             rows = [dict(r, **{KNN_KEY: categories.index(r[target])})
                     for r in cohort.select(plain(folds)) if r["row"] in ids]
             if not rows:
                 log.info("k-NN monitor off: no %s values in folds %s", target, list(folds))
                 return []
-            dataset = build_dataset(to_items(rows, "ssl"), steps, settings, cfg.cache,
-                                    cfg.cache_dir)
+            items = to_items(rows, "ssl")
+            sizes.append(len(items))
+            if world > 1:
+                items = rank_share(items, rank, world)
+            dataset = build_dataset(items, steps, settings, cfg.cache, cfg.cache_dir)
             loaders.append(DataLoader(dataset, batch_size=cfg.batch_size,
                                       **data.loader_options()))
         return [KNNMonitor(*loaders, target=KNN_KEY, backbone_attr="teacher_backbone",
-                           k=cfg.knn_k, n_classes=len(categories))]
+                           k=cfg.knn_k, n_classes=len(categories),
+                           sizes=(sizes[0], sizes[1]) if world > 1 else None)]
 
 
 TASK = DinoTask()

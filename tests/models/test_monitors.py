@@ -307,3 +307,18 @@ def test_crop_grid_shows_middle_slice() -> None:
 def test_crop_grid_constant_crop_stays_in_range() -> None:
     grid = crop_grid([torch.full((1, 1, 4, 8, 8), 3.0)], size=8)
     assert torch.isfinite(grid).all() and grid.min() >= 0 and grid.max() <= 1
+
+
+@pytest.mark.parametrize(("n", "world"), [(7, 2), (9, 4), (3, 4)])
+def test_unshard_restores_the_order_of_rank_shares(n: int, world: int) -> None:
+    """What all_gather returns from ``rank_share``'s interleaved shares (padded to equal
+    counts) goes back to the original items, each once."""
+    from medssl.data.pipeline import rank_share
+    from medssl.models.knn import unshard
+
+    items = [{"i": i} for i in range(n)]
+    gathered = torch.tensor([[float(it["i"]) for it in rank_share(items, r, world)]
+                             for r in range(world)])[..., None].expand(-1, -1, 3)
+    restored = unshard(gathered, n)
+    assert restored.shape == (n, 3)
+    assert restored[:, 0].tolist() == list(range(n))

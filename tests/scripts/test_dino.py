@@ -271,12 +271,14 @@ def test_recipe_defaults_follow_dino() -> None:
 
 def test_ddp_on_two_cpu_processes(demo, tmp_path: Path) -> None:
     """Lightning DDP (gloo) from the command line, as on a multi-GPU machine."""
-    tiny = [o for o in TINY_DINO if not o.startswith("devices=")]
+    tiny = [o for o in TINY_DINO if not o.startswith(("devices=", "cache="))]
+    tiny += ["cache=memory", f"csv_path={demo.classification_csv}"]
     result = subprocess.run(
         [sys.executable, str(SCRIPT), *tiny, "devices=2", "n_epochs=2",
-         f"results_dir={tmp_path}", f"csv_path={demo.classification_csv}"],
-        capture_output=True, text=True, cwd=REPO, timeout=300)
+         f"results_dir={tmp_path}"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank} of 2 caches and serves its share" in result.stdout + result.stderr
     folder = tmp_path / "dino_demo" / "checkpoints"
     checkpoint = torch.load(folder / "last.ckpt", weights_only=True)
     # 7 training volumes over 2 ranks: 4 each (padded by the sampler), batch 2 -> 2 steps
@@ -287,6 +289,31 @@ def test_ddp_on_two_cpu_processes(demo, tmp_path: Path) -> None:
     events = EventAccumulator(str(next((tmp_path / "dino_demo" / "tensorboard").glob("ev*"))))
     events.Reload()
     assert len(events.Scalars("val/knn_accuracy")) == 2
+    # Each rank embedded its share of the k-NN monitor's sets and the features were gathered:
+    # the last values are what one process computes with the same teacher on the full sets.
+    from medssl.models.knn import KNNMonitor
+    from medssl.models.monitors import knn_metrics
+    from medssl.run.tasks import get_task
+
+    cfg = compose("dino", [*tiny, f"results_dir={tmp_path / 'single'}"])
+    task = get_task("dino")
+    data = task.build_data(cfg)
+    data.setup("fit")
+    monitor = next(c for c in task.callbacks(cfg, data) if isinstance(c, KNNMonitor))
+    module = task.build_module(cfg, data)
+    module.load_state_dict(checkpoint["state_dict"])
+    teacher = module.teacher_backbone.eval()
+    bank, bank_y = monitor.embed(teacher, monitor.bank, torch.device("cpu"))
+    query, query_y = monitor.embed(teacher, monitor.query, torch.device("cpu"))
+    expected = knn_metrics(bank, bank_y, query, query_y, n_classes=monitor.n_classes,
+                           k=monitor.k, temperature=monitor.temperature)
+    names = [n for n in ("accuracy", "auc", "balanced_accuracy")
+             if f"val/knn_{n}" in events.Tags()["scalars"]]
+    assert len(names) == 2
+    for name in names:
+        logged = events.Scalars(f"val/knn_{name}")[-1].value
+        value = float(expected.get(name, math.nan))  # AUC: NaN with one class in the query
+        assert logged == pytest.approx(value, abs=1e-6, nan_ok=True), name
 
 
 def test_unlabelled_rows_train_but_skip_the_knn_monitor(dino_cfg: DictConfig, demo,
