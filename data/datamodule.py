@@ -214,6 +214,15 @@ class CohortDataModule(L.LightningDataModule):
 
     def _loader(self, name: str, batch_size: int, train: bool = False) -> DataLoader:
         dataset = self._dataset(name)
+        trainer = self.trainer
+        if self.shard is not None and trainer is not None and \
+                (trainer.global_rank, trainer.world_size) != self.shard:
+            # e.g. ddp_spawn/ddp_fork: every process got a copy of the main process's module.
+            raise RuntimeError(
+                f"cache=memory holds the share of rank {self.shard[0]} of {self.shard[1]}, but "
+                f"this process trains as rank {trainer.global_rank} of {trainer.world_size} "
+                "(a spawn or fork launch copies the main process's data): use the default DDP "
+                "launch (strategy=ddp), or cache=disk or none")
         if self.shard is not None:
             # Already this rank's share: a one-replica DistributedSampler, which Lightning
             # keeps instead of splitting the share again (shuffled per (seed, epoch)).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -260,6 +261,11 @@ def test_memory_cache_under_ddp_holds_only_the_ranks_share(demo: DemoPaths) -> N
             assert loader.sampler.num_replicas == 1
     for name, folds in splits.items():  # the two ranks together serve every row
         assert set(served[name]) == set(df[df.fold.isin(np.atleast_1d(folds))].PatientID)
+    # A copy of rank 1's module in another rank's process (spawn/fork launch) is refused.
+    data.trainer = SimpleNamespace(global_rank=0, world_size=2)
+    with pytest.raises(RuntimeError, match="holds the share of rank 1 of 2, but this process "
+                                           "trains as rank 0 of 2"):
+        data.train_dataloader()
 
 
 def test_datamodule_validates_all_splits_once_before_training(
