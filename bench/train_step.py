@@ -102,8 +102,9 @@ CASES: dict[str, tuple[str, list[str], Callable[[DictConfig, int], dict], bool]]
                             False),
     "segmentation-demo": ("segmentation", [], segmentation_batch, False),
     "mae3d-demo": ("mae3d", [], mae_batch, False),
-    # Convnets at the same demo size, for the channels_last comparison (--channels-last).
-    "segmentation-unet3d": ("segmentation", ["backbone=unet3d"], segmentation_batch, False),
+    # Convnets at the same demo size, for the channels_last comparison (--channels-last); the
+    # UNet3D segmentation step takes ~30 s on one CPU core, so it runs with --full or --case.
+    "segmentation-unet3d": ("segmentation", ["backbone=unet3d"], segmentation_batch, True),
     "classification-unet3d": ("classification", ["backbone=unet3d", "class_weights=none"],
                               classification_batch, False),
 }

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from medssl.data.datamodule import CohortDataModule
 from medssl.data.pipeline import IMAGE, Preprocessing
-from medssl.data.table import CohortError, category_order, is_missing
+from medssl.data.table import Cohort, CohortError, category_order, is_missing
 from medssl.models.backbones import build_backbone
 from medssl.models.classifier import Classifier
 from medssl.models.metrics import classification_report
@@ -168,7 +168,7 @@ class ClassificationData(CohortDataModule):
         self.classes: dict[str, list[str]] = {}
         self.train_rows: list[dict] = []
 
-    def select(self, name: str, items: list[dict], cohort: Any) -> list[dict]:
+    def select(self, name: str, items: list[dict], cohort: Cohort) -> list[dict]:
         """Classes and the label subset from the training rows (checked before anything is
         cached); the training split keeps only ``train_rows``."""
         if not self.classes:
@@ -178,7 +178,7 @@ class ClassificationData(CohortDataModule):
             items = [item for item in items if item["row"] in keep]
         return super().select(name, items, cohort)
 
-    def _prepare(self, cohort: Any) -> None:
+    def _prepare(self, cohort: Cohort) -> None:
         absent = [t for t in self.cls_targets if t not in cohort.records[0]]
         if absent:
             raise CohortError(f"{cohort.csv_path}: cls_targets {absent} are not columns of the "
@@ -208,7 +208,7 @@ class ClassificationData(CohortDataModule):
         return {t: -1 if is_missing(record[t]) else self.classes[t].index(record[t])
                 for t in self.cls_targets}
 
-    def _check_categories(self, cohort: Any) -> None:
+    def _check_categories(self, cohort: Cohort) -> None:
         """Every val/test (and, with given classes, training) value must be a known class."""
         problems = []
         for name, folds in self.splits.items():

@@ -23,7 +23,7 @@ from medssl.data.geometry import invert_to_file_grid, save_on_file_grid
 from medssl.data.io import is_nifti
 from medssl.data.pipeline import Preprocessing
 from medssl.data.seg_transforms import SliceDimd, check_label_values, segmentation_augment
-from medssl.data.table import read_cohort
+from medssl.data.table import Cohort, read_cohort
 from medssl.models.segmentation import METRICS, SegmentationModule
 from medssl.models.weights import LoadReport, load_encoder_weights, load_segmenter_weights
 from medssl.run.config import RunConfig, backbone_config, kwargs_for, plain, schema
@@ -100,7 +100,7 @@ class SegmentationData(CohortDataModule):
         self.num_classes, self.label_fraction = num_classes, label_fraction
         self._checked = False
 
-    def select(self, name: str, items: list[dict], cohort: Any) -> list[dict]:
+    def select(self, name: str, items: list[dict], cohort: Cohort) -> list[dict]:
         """Label values checked (once, every selected row) and the training subjects cut to
         ``label_fraction``, before anything is cached."""
         if not self._checked:
