@@ -31,6 +31,7 @@ from medssl.data.datamodule import CohortDataModule
 from medssl.data.pipeline import IMAGE, Preprocessing
 from medssl.data.table import Cohort, CohortError, category_order, is_missing
 from medssl.models.backbones import build_backbone
+from medssl.models.batchnorm import PreciseBatchNorm
 from medssl.models.classifier import Classifier
 from medssl.models.metrics import classification_report
 from medssl.models.weights import LoadReport, check_behaviour, stored_config
@@ -58,6 +59,7 @@ class ClassificationConfig(RunConfig):
     backbone_lr_scale: float = MISSING
     pooling: str = MISSING
     feature_norm: bool = MISSING
+    precise_bn_batches: int = MISSING
     freeze_backbone_epochs: int = MISSING
     grad_clip: float = MISSING
     class_weights: str = MISSING
@@ -330,6 +332,9 @@ class ClassificationTask(Task):
 
     def build_module(self, cfg: DictConfig, data: ClassificationData) -> Classifier:
         look_up_option(cfg.class_weights, CLASS_WEIGHTS)
+        if cfg.precise_bn_batches < 0:
+            raise ValueError(f"precise_bn_batches must be >= 0 (0 disables), got "
+                             f"{cfg.precise_bn_batches}")
         weights = None
         if cfg.class_weights == "balanced" and cfg.test_ckpt is None:
             weights = balanced_weights(data.train_labels(), data.classes)
@@ -379,10 +384,16 @@ class ClassificationTask(Task):
             run_dir(cfg), data, n_resamples=cfg.bootstrap_resamples,
             seed=0 if cfg.seed is None else cfg.seed,
             extra={"label_fraction": cfg.label_fraction, "train_mode": cfg.train_mode})]
+        if cfg.precise_bn_batches > 0:
+            callbacks.append(PreciseBatchNorm(_classifier_forward, cfg.precise_bn_batches))
         if cfg.patience is not None and cfg.val_folds:
             callbacks.append(EarlyStopping(monitor=cfg.monitor, mode=cfg.monitor_mode,
                                            patience=cfg.patience, check_finite=False))
         return callbacks
+
+
+def _classifier_forward(module: Classifier, batch: dict) -> None:
+    module(batch["image"], batch["record_index"])
 
 
 class ClassificationReport(L.Callback):
