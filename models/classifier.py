@@ -72,6 +72,12 @@ class Classifier(L.LightningModule):
             tokens (``pooled_features``); convnets always pool globally.
         feature_norm: standardise the features by a batch norm without affine parameters
             before the heads (always on in linear mode).
+        class_priors: target -> (C,) class shares of the training rows. Each head's bias
+            then starts at the log of the class distribution its loss is minimised by when the
+            features say nothing: the shares times ``class_weights``, normalised (uniform
+            under balanced weights). Otherwise the biases start at 0 and, moving at most about
+            the learning rate per AdamW step, may never reach a rare class's prior (RetinaNet's
+            prior initialisation, Lin et al. 2017).
     """
 
     def __init__(self, backbone_config: Mapping, classes: Mapping[str, Sequence[str]],
@@ -80,7 +86,8 @@ class Classifier(L.LightningModule):
                  warmup_epochs: int = 0, weight_decay: float = 0.05,
                  backbone_lr_scale: float = 1.0, freeze_backbone_epochs: int = 0,
                  grad_clip: float = 0.0, pooling: str = "cls",
-                 feature_norm: bool = False) -> None:
+                 feature_norm: bool = False,
+                 class_priors: Mapping[str, Sequence[float]] | None = None) -> None:
         super().__init__()
         look_up_option(train_mode, TRAIN_MODES)
         look_up_option(pooling, POOLINGS)
@@ -93,6 +100,11 @@ class Classifier(L.LightningModule):
         if class_weights is not None and {t: len(w) for t, w in class_weights.items()} != {
                 t: len(c) for t, c in classes.items()}:
             raise ValueError("class_weights must give one weight per class of every target")
+        if class_priors is not None and ({t: len(p) for t, p in class_priors.items()} != {
+                t: len(c) for t, c in classes.items()} or any(
+                min(p) <= 0 for p in class_priors.values())):
+            raise ValueError("class_priors must give one positive share per class of every "
+                             "target")
         if lr <= 0 or min_lr < 0 or backbone_lr_scale < 0 or grad_clip < 0:
             raise ValueError(f"need lr > 0 and min_lr, backbone_lr_scale, grad_clip >= 0, got "
                              f"{lr}, {min_lr}, {backbone_lr_scale}, {grad_clip}")
@@ -108,6 +120,13 @@ class Classifier(L.LightningModule):
         norm = self.linear or feature_norm
         self.feature_norm = nn.BatchNorm1d(dim, affine=False) if norm else nn.Identity()
         self.heads = nn.ModuleList(nn.Linear(dim, len(c)) for c in classes.values())
+        if class_priors is not None:
+            for head, target in zip(self.heads, classes, strict=True):
+                shares = torch.tensor(class_priors[target], dtype=torch.float64)
+                if class_weights is not None:
+                    shares = shares * torch.tensor(class_weights[target], dtype=torch.float64)
+                with torch.no_grad():
+                    head.bias.copy_((shares / shares.sum()).log())
         for i, target in enumerate(self.targets):
             weight = None if class_weights is None else torch.tensor(
                 class_weights[target], dtype=torch.float32)

@@ -250,6 +250,18 @@ class ClassificationData(CohortDataModule):
         return {t: np.array([c[t] for c in codes]) for t in self.cls_targets}
 
 
+def class_shares(labels: Mapping[str, np.ndarray], classes: Mapping[str, Sequence[str]]
+                 ) -> dict[str, list[float]]:
+    """Each class's share of the labelled training rows per target, add-one smoothed
+    ((count + 1) / (n + classes)) so a class without rows keeps a finite log."""
+    out = {}
+    for target, names in classes.items():
+        y = labels[target][labels[target] >= 0]
+        counts = np.bincount(y, minlength=len(names))
+        out[target] = ((counts + 1) / (len(y) + len(names))).tolist()
+    return out
+
+
 def balanced_weights(labels: Mapping[str, np.ndarray], classes: Mapping[str, Sequence[str]]
                      ) -> dict[str, list[float]]:
     """sklearn's "balanced" class weights, n / (n_classes * count), per target."""
@@ -335,11 +347,15 @@ class ClassificationTask(Task):
         if cfg.precise_bn_batches < 0:
             raise ValueError(f"precise_bn_batches must be >= 0 (0 disables), got "
                              f"{cfg.precise_bn_batches}")
-        weights = None
-        if cfg.class_weights == "balanced" and cfg.test_ckpt is None:
-            weights = balanced_weights(data.train_labels(), data.classes)
+        weights = priors = None
+        if cfg.test_ckpt is None:
+            labels = data.train_labels()
+            priors = class_shares(labels, data.classes)
+            if cfg.class_weights == "balanced":
+                weights = balanced_weights(labels, data.classes)
         module = Classifier(**kwargs_for(Classifier, cfg, backbone_config=backbone_config(cfg),
-                                         classes=data.classes, class_weights=weights))
+                                         classes=data.classes, class_weights=weights,
+                                         class_priors=priors))
         module.backbone.check_input_size(plain(cfg.resize_to), "resize_to")
         checkpoint = cfg.test_ckpt or resume_checkpoint(cfg, weight_source(cfg))
         if checkpoint is not None:

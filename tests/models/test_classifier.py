@@ -184,3 +184,34 @@ def test_mean_pooling_feeds_the_heads_the_mean_patch_token(train_mode: str) -> N
         assert not torch.allclose(expected, tokens[:, 0])
     with pytest.raises(ValueError, match="'max'"):
         Classifier(backbone_config=VIT, classes=CLASSES, pooling="max")
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_head_bias_starts_at_the_constant_predictors_optimum(weighted: bool) -> None:
+    # With features that carry nothing, the best constant prediction under (weighted)
+    # cross-entropy is q_c ∝ share_c * weight_c; its loss is the weighted entropy
+    # -sum(share_c w_c log q_c) / sum(share_c w_c). The heads start there.
+    shares = {"a": [0.8, 0.2], "b": [0.5, 0.3, 0.2]}
+    weights = {t: [1 / (len(p) * s) for s in p] for t, p in shares.items()} if weighted else None
+    module = Classifier(VIT, CLASSES, class_weights=weights, class_priors=shares)
+    for i, (target, p) in enumerate(shares.items()):
+        torch.nn.init.zeros_(module.heads[i].weight)  # features say nothing
+        q = module.heads[i](torch.zeros(1, module.heads[i].in_features)).softmax(1)[0]
+        expected = torch.full((len(p),), 1 / len(p)) if weighted else torch.tensor(p)
+        torch.testing.assert_close(q, expected)
+        # Rows in exact proportion: the loss equals the (weighted) entropy of the shares.
+        n = 10 * torch.tensor(p)
+        labels = torch.repeat_interleave(torch.arange(len(p)), n.round().long())
+        logits = module.heads[i](torch.zeros(len(labels), module.heads[i].in_features))
+        w = None if weights is None else torch.tensor(weights[target])
+        loss, _ = masked_cross_entropy(logits, labels, w)
+        pw = torch.tensor(p) * (w if w is not None else 1)
+        entropy = -(pw * expected.log()).sum() / pw.sum()
+        torch.testing.assert_close(loss, entropy)
+
+
+def test_class_priors_are_checked() -> None:
+    with pytest.raises(ValueError, match="one positive share per class"):
+        Classifier(VIT, CLASSES, class_priors={"a": [0.5, 0.5], "b": [1.0, 0.0, 0.0]})
+    with pytest.raises(ValueError, match="one positive share per class"):
+        Classifier(VIT, CLASSES, class_priors={"a": [0.5, 0.5]})

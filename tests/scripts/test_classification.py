@@ -10,6 +10,7 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -21,7 +22,7 @@ from medssl.data.table import CohortError
 from medssl.models.backbones import UNet3DEncoder, build_backbone
 from medssl.models.weights import save_backbone
 from medssl.run import run
-from medssl.run.classification import check_backbone_config, label_subset
+from medssl.run.classification import check_backbone_config, class_shares, label_subset
 from medssl.run.config import plain
 from tests.conftest import REPO, TINY, compose
 
@@ -78,7 +79,8 @@ def test_every_backbone_family_builds_as_configured(family: str) -> None:
     cfg = compose("classification", ["csv_path=x", f"backbone={family}",
                                      "resize_to=[32,32,32]", "class_weights=none"])
     module = TASK.build_module(cfg, SimpleNamespace(
-        classes={t: ["a", "b"] for t in cfg.cls_targets}))
+        classes={t: ["a", "b"] for t in cfg.cls_targets},
+        train_labels=lambda: {t: np.array([0, 1, 1]) for t in cfg.cls_targets}))
     assert module.backbone.config["name"] == family
     assert "img_size" not in module.backbone.config
 
@@ -419,3 +421,9 @@ def test_ddp_on_two_cpu_processes(demo, tmp_path: Path) -> None:
     predictions = pd.read_csv(tmp_path / "cls_demo" / "predictions.csv")
     # 3 test rows, padded to 4 by the distributed sampler: each subject once in the report.
     assert sorted(predictions.PatientID) == ["DEMO001", "DEMO004", "DEMO006"]
+
+
+def test_class_shares_are_add_one_smoothed() -> None:
+    labels = {"t": np.array([0, 0, 0, 1, -1, 0])}  # -1: no value, not counted
+    shares = class_shares(labels, {"t": ["a", "b", "c"]})["t"]
+    assert shares == pytest.approx([5 / 8, 2 / 8, 1 / 8])
