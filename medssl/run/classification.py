@@ -31,13 +31,19 @@ from medssl.data.datamodule import CohortDataModule
 from medssl.data.pipeline import IMAGE, Preprocessing
 from medssl.data.table import Cohort, CohortError, category_order, is_missing
 from medssl.models.backbones import build_backbone
-from medssl.models.batchnorm import PreciseBatchNorm
 from medssl.models.classifier import Classifier
 from medssl.models.metrics import classification_report
 from medssl.models.weights import LoadReport, check_behaviour, stored_config
 from medssl.run.config import RunConfig, backbone_config, kwargs_for, plain, schema
 from medssl.run.dino import preprocessing
-from medssl.run.harness import Task, WeightSource, resume_checkpoint, run_dir, weight_source
+from medssl.run.harness import (
+    Task,
+    WeightSource,
+    precise_bn,
+    resume_checkpoint,
+    run_dir,
+    weight_source,
+)
 
 log = logging.getLogger(__name__)
 CLASS_WEIGHTS = ("balanced", "none")
@@ -344,9 +350,6 @@ class ClassificationTask(Task):
 
     def build_module(self, cfg: DictConfig, data: ClassificationData) -> Classifier:
         look_up_option(cfg.class_weights, CLASS_WEIGHTS)
-        if cfg.precise_bn_batches < 0:
-            raise ValueError(f"precise_bn_batches must be >= 0 (0 disables), got "
-                             f"{cfg.precise_bn_batches}")
         weights = priors = None
         if cfg.test_ckpt is None:
             labels = data.train_labels()
@@ -400,8 +403,7 @@ class ClassificationTask(Task):
             run_dir(cfg), data, n_resamples=cfg.bootstrap_resamples,
             seed=0 if cfg.seed is None else cfg.seed,
             extra={"label_fraction": cfg.label_fraction, "train_mode": cfg.train_mode})]
-        if cfg.precise_bn_batches > 0:
-            callbacks.append(PreciseBatchNorm(_classifier_forward, cfg.precise_bn_batches))
+        callbacks += precise_bn(cfg, _classifier_forward)
         if cfg.patience is not None and cfg.val_folds:
             callbacks.append(EarlyStopping(monitor=cfg.monitor, mode=cfg.monitor_mode,
                                            patience=cfg.patience, check_finite=False))

@@ -12,11 +12,12 @@ import logging
 import os
 import pickle
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from operator import attrgetter
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -25,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from medssl.data.table import write_bad_rows
+from medssl.models.batchnorm import PreciseBatchNorm
 from medssl.models.weights import LoadReport, load_weights
 from medssl.run.checkpoints import checkpoint_callbacks
 from medssl.run.config import WEIGHT_SOURCES, plain
@@ -261,6 +263,15 @@ def to_channels_last(module: nn.Module) -> int:
             child.to(memory_format=formats[child.weight.dim()])
             converted += 1
     return converted
+
+
+def precise_bn(cfg: DictConfig, forward: Callable[[nn.Module, Any], Any]) -> list[L.Callback]:
+    """The PreciseBN callback for ``cfg.precise_bn_batches`` (0: none; it acts only on
+    networks with batch norms). ``forward`` runs the module on one training batch."""
+    if cfg.precise_bn_batches < 0:
+        raise ValueError(f"precise_bn_batches must be >= 0 (0 disables), got "
+                         f"{cfg.precise_bn_batches}")
+    return [PreciseBatchNorm(forward, cfg.precise_bn_batches)] if cfg.precise_bn_batches else []
 
 
 def process_layout(cfg: DictConfig) -> tuple[int, int]:

@@ -27,7 +27,7 @@ from medssl.data.table import Cohort, read_cohort
 from medssl.models.segmentation import METRICS, SegmentationModule
 from medssl.models.weights import LoadReport, load_encoder_weights, load_segmenter_weights
 from medssl.run.config import RunConfig, backbone_config, kwargs_for, plain, schema
-from medssl.run.harness import Task, WeightSource, run_dir
+from medssl.run.harness import Task, WeightSource, precise_bn, run_dir
 
 log = logging.getLogger(__name__)
 FULL_NETWORK_SOURCES = ("suprem_weights", "baseline_weights")
@@ -66,6 +66,7 @@ class SegmentationConfig(RunConfig):
     encoder_lr_scale: float = MISSING
     freeze_encoder_epochs: int = MISSING
     grad_clip: float = MISSING
+    precise_bn_batches: int = MISSING
     sw_batch_size: int = MISSING
     sw_overlap: float = MISSING
     sw_mode: str = MISSING
@@ -278,7 +279,12 @@ class SegmentationTask(Task):
 
     def callbacks(self, cfg: DictConfig, data: L.LightningDataModule) -> list[L.Callback]:
         folder = run_dir(cfg)
-        return [SegmentationWriter(folder / "test", folder / "predict", cfg.save_test_results)]
+        return [SegmentationWriter(folder / "test", folder / "predict", cfg.save_test_results),
+                *precise_bn(cfg, _segmenter_forward)]
+
+
+def _segmenter_forward(module: L.LightningModule, batch: dict) -> None:
+    module(batch["image"])
 
 
 TASK = SegmentationTask()

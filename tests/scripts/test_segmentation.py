@@ -138,6 +138,18 @@ def test_channels_last_keeps_values_and_trains(seg_cfg: DictConfig,
     assert trainer.global_step > 0
 
 
+def test_precise_bn_callback_follows_the_config(seg_cfg: DictConfig) -> None:
+    from medssl.models.batchnorm import PreciseBatchNorm
+
+    def precise(cfg: DictConfig) -> list:
+        return [c for c in TASK.callbacks(cfg, None) if isinstance(c, PreciseBatchNorm)]
+
+    assert [c.max_batches for c in precise(_set(seg_cfg, precise_bn_batches=7))] == [7]
+    assert precise(_set(seg_cfg, precise_bn_batches=0)) == []
+    with pytest.raises(ValueError, match="precise_bn_batches must be >= 0"):
+        precise(_set(seg_cfg, precise_bn_batches=-1))
+
+
 def test_bad_options_fail_before_training(seg_cfg: DictConfig) -> None:
     with pytest.raises(ValueError, match="resize_to must be null"):
         TASK.build_data(_set(seg_cfg, spatial_dims=2, resize_to=[16, 32]))
