@@ -75,9 +75,9 @@ class Classifier(L.LightningModule):
         class_priors: target -> (C,) class shares of the training rows. Each head's bias
             then starts at the log of the class distribution its loss is minimised by when the
             features say nothing: the shares times ``class_weights``, normalised (uniform
-            under balanced weights). Otherwise the biases start at 0 and, moving at most about
-            the learning rate per AdamW step, may never reach a rare class's prior (RetinaNet's
-            prior initialisation, Lin et al. 2017).
+            under balanced weights). Without it the biases start near 0 (PyTorch's default) and,
+            moving about the learning rate per AdamW step at most, may never reach a rare
+            class's prior (RetinaNet's prior initialisation, Lin et al. 2017).
     """
 
     def __init__(self, backbone_config: Mapping, classes: Mapping[str, Sequence[str]],

@@ -70,10 +70,19 @@ def _items(n: int = 16) -> list[dict]:
              "targets": {"a": i % 2}} for i in range(n)]
 
 
+class _SeenByValidation(L.Callback):
+    def __init__(self) -> None:
+        self.means: list[torch.Tensor] = []
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, module: Classifier) -> None:
+        self.means.append(module.feature_norm.running_mean.clone())
+
+
 def test_callback_leaves_the_statistics_of_the_final_weights() -> None:
     # Fine-tuning at a high rate: the running average lags the moving backbone; with the
-    # callback the statistics after fit are those of the final weights on the training set.
-    def fit(callbacks: list) -> Classifier:
+    # callback, validation and the module after fit see the statistics of the final weights
+    # on the training set.
+    def fit(callbacks: list) -> tuple[Classifier, torch.Tensor]:
         torch.manual_seed(0)
         module = Classifier(VIT, {"a": ["0", "1"]}, lr=0.05, feature_norm=True)
         data = _items()
@@ -89,7 +98,11 @@ def test_callback_leaves_the_statistics_of_the_final_weights() -> None:
         module.eval()
         return module, feats.mean(0)
 
-    precise, exact = fit([PreciseBatchNorm(lambda m, b: m(b["image"], b["record_index"]))])
+    seen = _SeenByValidation()
+    precise, exact = fit([PreciseBatchNorm(lambda m, b: m(b["image"], b["record_index"])),
+                          seen])
     torch.testing.assert_close(precise.feature_norm.running_mean, exact)
+    assert len(seen.means) == 3  # one validation per epoch, the last with the final weights
+    torch.testing.assert_close(seen.means[-1], exact)
     lagging, exact = fit([])
     assert (lagging.feature_norm.running_mean - exact).abs().max() > 1e-3
