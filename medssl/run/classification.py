@@ -403,7 +403,11 @@ class ClassificationTask(Task):
             run_dir(cfg), data, n_resamples=cfg.bootstrap_resamples,
             seed=0 if cfg.seed is None else cfg.seed,
             extra={"label_fraction": cfg.label_fraction, "train_mode": cfg.train_mode})]
-        callbacks += precise_bn(cfg, _classifier_forward)
+        precise = precise_bn(cfg, _classifier_forward)  # checks the value in every mode
+        if cfg.train_mode != "linear":
+            # A frozen backbone's features do not move, so the running averages converge; the
+            # re-estimate would only read every training image a second time per epoch.
+            callbacks += precise
         if cfg.patience is not None and cfg.val_folds:
             callbacks.append(EarlyStopping(monitor=cfg.monitor, mode=cfg.monitor_mode,
                                            patience=cfg.patience, check_finite=False))

@@ -427,3 +427,18 @@ def test_class_shares_are_add_one_smoothed() -> None:
     labels = {"t": np.array([0, 0, 0, 1, -1, 0])}  # -1: no value, not counted
     shares = class_shares(labels, {"t": ["a", "b", "c"]})["t"]
     assert shares == pytest.approx([5 / 8, 2 / 8, 1 / 8])
+
+
+def test_precise_bn_in_finetune_mode_only(cls_cfg: DictConfig) -> None:
+    from medssl.models.batchnorm import PreciseBatchNorm
+    from medssl.run.classification import TASK
+
+    def precise(**values: object) -> list:
+        return [c for c in TASK.callbacks(_set(cls_cfg, **values), None)
+                if isinstance(c, PreciseBatchNorm)]
+
+    assert [c.max_batches for c in precise(train_mode="finetune", precise_bn_batches=7)] == [7]
+    assert precise(train_mode="linear", precise_bn_batches=7) == []
+    assert precise(train_mode="finetune", precise_bn_batches=0) == []
+    with pytest.raises(ValueError, match="precise_bn_batches must be >= 0"):
+        precise(train_mode="linear", precise_bn_batches=-1)
