@@ -62,11 +62,11 @@ SETTINGS = {
     "quick": {"dino": ["n_epochs=3"], "cls": ["n_epochs=3", "bootstrap_resamples=200"],
               "head_only": ["freeze_backbone_epochs=1"], "seeds": [0]},
 }
-# Setting name -> (starts from the DINO export, overrides). From scratch the backbone learns
-# at the heads' rate (backbone_lr_scale=1); a pretrained one at the config's lower rate, after
+# Setting name -> (starts from the DINO export, overrides). The config's backbone_lr_scale
+# (null) gives a backbone from scratch the heads' rate and a pretrained one 0.03 of it, after
 # the setting's head-only epochs.
 ARMS = {"dino-finetune": (True, ["train_mode=finetune", "head_only"]),
-        "scratch": (False, ["train_mode=finetune", "backbone_lr_scale=1.0"]),
+        "scratch": (False, ["train_mode=finetune"]),
         # No augmentation in linear mode, so the memory cache serves without copies.
         "dino-linear": (True, ["train_mode=linear", "cache=memory"])}
 

@@ -442,3 +442,31 @@ def test_precise_bn_in_finetune_mode_only(cls_cfg: DictConfig) -> None:
     assert precise(train_mode="finetune", precise_bn_batches=0) == []
     with pytest.raises(ValueError, match="precise_bn_batches must be >= 0"):
         precise(train_mode="linear", precise_bn_batches=-1)
+
+
+def test_backbone_lr_scale_follows_the_weight_source(cls_cfg: DictConfig, tmp_path: Path) -> None:
+    """null: the pretrained factor with dino/mae/suprem weights, 1 from scratch, the stored
+    value when resuming; a configured value always wins."""
+    from types import SimpleNamespace
+
+    from medssl.run.classification import PRETRAINED_BACKBONE_LR_SCALE, TASK, backbone_lr_scale
+    from medssl.run.harness import WeightSource
+
+    targets = cls_cfg.cls_targets
+    data = SimpleNamespace(classes={t: ["a", "b"] for t in targets},
+                           train_labels=lambda: {t: np.array([0, 1, 1]) for t in targets})
+
+    def scale(**values: object) -> float:
+        return TASK.build_module(_set(cls_cfg, **values), data).hparams.backbone_lr_scale
+
+    assert compose("classification", []).backbone_lr_scale is None  # the shipped default
+    assert scale(backbone_lr_scale=None) == 1.0
+    save_backbone(tmp_path / "backbone.pt", build_backbone(**plain(cls_cfg.backbone)))
+    assert scale(dino_weights=str(tmp_path / "backbone.pt")) == PRETRAINED_BACKBONE_LR_SCALE
+    assert scale(dino_weights=None, suprem_weights=str(tmp_path / "backbone.pt")) == 0.03
+    assert scale(backbone_lr_scale=0.5) == 0.5
+    resumed = WeightSource("resume_training_from", tmp_path / "last.ckpt")
+    assert backbone_lr_scale(None, resumed, {"backbone_lr_scale": 0.03}) == 0.03
+    assert backbone_lr_scale(None, resumed, {}) == 1.0
+    with pytest.raises(ValueError, match="backbone_lr_scale must be >= 0"):
+        backbone_lr_scale(-1.0, None, {})
