@@ -320,7 +320,7 @@ def check_backbone_config(what: str, stored: Mapping, configured: Mapping) -> No
 
 # Backbone learning rate / head learning rate when fine-tuning pretrained weights and
 # `backbone_lr_scale: null`. DINO on AdrenalMNIST3D, 100% labels, 10 seeds: 0.03 beat 0.1 on
-# every seed (bench/results/classification.md).
+# 9 of them (bench/results/classification.md).
 PRETRAINED_BACKBONE_LR_SCALE = 0.03
 
 
