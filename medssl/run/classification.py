@@ -328,16 +328,14 @@ def backbone_lr_scale(configured: float | None, source: WeightSource | None,
                       hparams: Mapping) -> float:
     """The backbone's learning-rate factor: ``configured`` if set; else the value of the
     checkpoint being resumed or tested (``hparams``), else ``PRETRAINED_BACKBONE_LR_SCALE``
-    for pretrained weights and 1 from scratch."""
+    for pretrained weights and 1 from scratch (``Classifier`` rejects a negative value)."""
     if configured is not None:
-        if configured < 0:
-            raise ValueError(f"backbone_lr_scale must be >= 0 or null, got {configured}")
         return float(configured)
     if "backbone_lr_scale" in hparams:
         return float(hparams["backbone_lr_scale"])
     scale = PRETRAINED_BACKBONE_LR_SCALE if source is not None and source.pretrained else 1.0
     log.info("backbone_lr_scale=null: %s for %s", scale,
-             f"{source.key}" if scale != 1.0 else "a backbone trained from scratch")
+             source.key if scale != 1.0 else "a backbone trained from scratch")
     return scale
 
 

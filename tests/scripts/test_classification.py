@@ -468,5 +468,6 @@ def test_backbone_lr_scale_follows_the_weight_source(cls_cfg: DictConfig, tmp_pa
     resumed = WeightSource("resume_training_from", tmp_path / "last.ckpt")
     assert backbone_lr_scale(None, resumed, {"backbone_lr_scale": 0.03}) == 0.03
     assert backbone_lr_scale(None, resumed, {}) == 1.0
-    with pytest.raises(ValueError, match="backbone_lr_scale must be >= 0"):
-        backbone_lr_scale(-1.0, None, {})
+    with pytest.raises(ValueError, match="backbone_lr_scale, grad_clip >= 0, got 0.001, "
+                       r"1e-06, -1.0"):
+        scale(backbone_lr_scale=-1.0)
