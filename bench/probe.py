@@ -1,15 +1,17 @@
 """Frozen-feature probes: how much a backbone's features know about a target, beside raw voxels.
 
-For each feature source (raw voxels, a ``backbone.pt`` export or any file ``load_backbone``
-reads, a randomly initialised backbone per seed) it embeds the train/val/test splits of a
-cohort CSV, read and preprocessed exactly as training reads them (``make_datasets``), and
-reports on the test split:
+For each feature source (raw voxels, shape descriptors of binary masks, a ``backbone.pt``
+export or any file ``load_backbone`` reads, a randomly initialised backbone per seed) it
+embeds the train/val/test splits of a cohort CSV, read and preprocessed exactly as training
+reads them (``make_datasets``), and reports on the test split:
 
 - k-NN: DINO's weighted vote (k=20, cosine, exp(cos / 0.07)), scores = vote shares;
 - linear probe: scikit-learn logistic regression on standardised features, C chosen on the
   val split (ROC AUC for two classes, balanced accuracy otherwise), fitted on train;
 
 with ROC AUC (one-vs-rest macro for several classes), accuracy and balanced accuracy.
+``--label-fraction 0.1 --subset-seeds 0 1 2`` fits both probes on the seeded, stratified
+training subsets that ``label_fraction=0.1 seed=S`` gives the classification script.
 
     python bench/probe.py COHORT.csv --target label --resize-to 32 32 32 --raw \\
         --backbone results/dino/backbone.pt \\
@@ -46,6 +48,7 @@ from medssl.data.pipeline import IMAGE, Preprocessing, make_datasets
 from medssl.models.backbones import build_backbone
 from medssl.models.monitors import knn_votes
 from medssl.models.weights import load_backbone
+from medssl.run.classification import label_subset
 
 log = logging.getLogger("probe")
 
@@ -74,6 +77,8 @@ class ProbeResult:
     linear: dict[str, float]
     seconds: float
     notes: list[str] = field(default_factory=list)
+    label_fraction: float = 1.0
+    subset_seed: int | None = None  # label_subset's seed when label_fraction < 1
 
 
 def load_splits(csv_path: str | Path, target: str, resize_to: Sequence[int],
@@ -104,6 +109,49 @@ def load_splits(csv_path: str | Path, target: str, resize_to: Sequence[int],
 
 def _plain(x: torch.Tensor) -> torch.Tensor:
     return (x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)).float()
+
+
+SHAPE_DESCRIPTORS = ("log_volume", "inertia_1", "inertia_2", "inertia_3", "elongation",
+                     "flatness", "extent_0", "extent_1", "extent_2", "mirror_asymmetry_0",
+                     "mirror_asymmetry_1", "mirror_asymmetry_2", "surface_ratio")
+
+
+def shape_descriptors(images: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Hand-crafted geometry of binary masks (N, 1, X, Y, Z) -> (N, 13), a non-deep baseline.
+
+    Per mask (voxels > ``threshold``): log voxel count; the eigenvalues of the voxel
+    coordinates' covariance (largest first), elongation (largest / smallest) and flatness
+    (middle / smallest); the bounding-box extent per axis; the share of voxels that differ
+    from the mask mirrored along each axis (about its own array centre); and the surface
+    voxels (a 6-neighbour outside) over volume^(2/3). Order: ``SHAPE_DESCRIPTORS``.
+    """
+    if images.ndim != 5 or images.shape[1] != 1:
+        raise ValueError(f"shape descriptors need masks (N, 1, X, Y, Z), got {tuple(images.shape)}")
+    out = []
+    for mask in (images[:, 0] > threshold):
+        count = int(mask.sum())
+        if count < 2:
+            raise ValueError("shape descriptors need at least 2 foreground voxels per mask")
+        coords = mask.nonzero().double()
+        eig = torch.linalg.eigvalsh(torch.cov(coords.T, correction=0)).flip(0).clamp_min(1e-6)
+        extent = coords.amax(0) - coords.amin(0) + 1
+        mirror = [float((mask != mask.flip(a)).sum()) / count for a in range(3)]
+        surface = count - float(_six_neighbour_erosion(mask).sum())
+        out.append([np.log(count), *eig.tolist(), float(eig[0] / eig[2]),
+                    float(eig[1] / eig[2]), *extent.tolist(), *mirror, surface / count ** (2 / 3)])
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def _six_neighbour_erosion(mask: torch.Tensor) -> torch.Tensor:
+    """Voxels of a 3D boolean mask whose six face neighbours are all inside (outside = 0)."""
+    p = torch.nn.functional.pad(mask.float(), (1,) * 6).bool()
+    core = p[1:-1, 1:-1, 1:-1]
+    for axis in range(3):
+        for shift in (0, 2):
+            index = [slice(1, -1)] * 3
+            index[axis] = slice(shift, shift + mask.shape[axis])
+            core = core & p[tuple(index)]
+    return core
 
 
 @torch.no_grad()
@@ -233,29 +281,61 @@ def probe(features: dict[str, torch.Tensor], labels: dict[str, np.ndarray], n_cl
     return knn, linear, notes
 
 
-def evaluate(sources: Sequence[tuple[str, int | None, Callable[[], nn.Module | None]]],
+# A source's builder returns a backbone, or (feature kind, function of the images) for
+# features that are not a network's: raw voxels, shape descriptors.
+FeatureFn = tuple[str, Callable[[torch.Tensor], torch.Tensor]]
+RAW: FeatureFn = ("voxels", lambda images: images.flatten(1))
+SHAPE: FeatureFn = ("descriptors", shape_descriptors)
+
+
+def training_subsets(labels: np.ndarray, fraction: float, seeds: Sequence[int]
+                     ) -> list[tuple[float, int | None, np.ndarray]]:
+    """(fraction, seed, training indices) per seed: the stratified subsets ``label_subset``
+    gives the classification script for ``label_fraction=fraction seed=S`` (same row order);
+    one entry with every index when ``fraction`` is 1."""
+    if fraction == 1:
+        return [(1.0, None, np.arange(len(labels)))]
+    rows = [{"i": i, "y": y} for i, y in enumerate(labels.tolist())]
+    return [(fraction, s, np.array([r["i"] for r in label_subset(rows, fraction, "y", s)]))
+            for s in seeds]
+
+
+def evaluate(sources: Sequence[tuple[str, int | None, Callable[[], nn.Module | FeatureFn]]],
              splits: dict[str, Split], n_classes: int, vit_features: Sequence[str] = ("cls",),
              k: int = 20, cs: Sequence[float] = DEFAULT_CS, batch_size: int = 64,
-             device: str = "cpu") -> list[ProbeResult]:
-    """Probe every source; a source builds its backbone (None: raw voxels)."""
+             device: str = "cpu",
+             subsets: Sequence[tuple[float, int | None, np.ndarray]] | None = None
+             ) -> list[ProbeResult]:
+    """Probe every source (a backbone, or ``RAW``/``SHAPE``-style features) on every
+    training subset (default: the whole training split); the k-NN bank and the linear fit
+    use the subset, val and test stay whole."""
     labels = {name: s.labels for name, s in splits.items()}
+    subsets = subsets or training_subsets(labels["train"], 1.0, [])
     results = []
     for name, seed, build in sources:
-        backbone = build()
-        kinds = ["voxels"] if backbone is None else (
-            list(vit_features) if hasattr(backbone, "forward_tokens") else ["pooled"])
+        source = build()
+        if isinstance(source, nn.Module):
+            kinds = list(vit_features) if hasattr(source, "forward_tokens") else ["pooled"]
+        else:
+            kinds = [source[0]]
         for kind in kinds:
             start = time.perf_counter()
-            if backbone is None:
-                feats = {n: s.images.flatten(1) for n, s in splits.items()}
+            if not isinstance(source, nn.Module):
+                feats = {n: source[1](s.images) for n, s in splits.items()}
             else:
                 mode = "cls" if kind == "pooled" else kind
-                feats = {n: embed(backbone, s.images, mode, batch_size, device)
+                feats = {n: embed(source, s.images, mode, batch_size, device)
                          for n, s in splits.items()}
-            knn, linear, notes = probe(feats, labels, n_classes, k, cs)
-            results.append(ProbeResult(name, kind, seed, int(feats["train"].shape[1]), knn,
-                                       linear, time.perf_counter() - start, notes))
-            log.info("%s", _row(results[-1]))
+            seconds = time.perf_counter() - start
+            for fraction, subset_seed, keep in subsets:
+                start = time.perf_counter()
+                knn, linear, notes = probe(feats | {"train": feats["train"][keep]},
+                                           labels | {"train": labels["train"][keep]},
+                                           n_classes, k, cs)
+                results.append(ProbeResult(
+                    name, kind, seed, int(feats["train"].shape[1]), knn, linear,
+                    seconds + time.perf_counter() - start, notes, fraction, subset_seed))
+                log.info("%s", _row(results[-1]))
     return results
 
 
@@ -271,7 +351,9 @@ def parse_backbone_config(text: str) -> dict[str, Any]:
 
 def _row(r: ProbeResult) -> str:
     seed = "" if r.seed is None else r.seed
-    return (f"| {r.source} | {r.features} | {seed} | {r.dim} | {r.knn['auc']:.3f} | "
+    subset = "" if r.subset_seed is None else r.subset_seed
+    return (f"| {r.source} | {r.features} | {seed} | {r.label_fraction:g} | {subset} | "
+            f"{r.dim} | {r.knn['auc']:.3f} | "
             f"{r.knn['accuracy']:.3f} | {r.knn['balanced_accuracy']:.3f} | "
             f"{r.linear['auc']:.3f} | {r.linear['accuracy']:.3f} | "
             f"{r.linear['balanced_accuracy']:.3f} | {r.linear['C']:g} | {r.seconds:.1f} |")
@@ -279,9 +361,9 @@ def _row(r: ProbeResult) -> str:
 
 def markdown_table(results: Sequence[ProbeResult]) -> str:
     """One Markdown row per result (test split), plus notes."""
-    lines = ["| source | features | seed | dim | k-NN AUC | k-NN acc | k-NN bal. acc | "
-             "linear AUC | linear acc | linear bal. acc | C | s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| source | features | seed | label fraction | subset seed | dim | k-NN AUC | "
+             "k-NN acc | k-NN bal. acc | linear AUC | linear acc | linear bal. acc | C | s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [_row(r) for r in results]
     lines += [f"- {r.source} {r.features} seed {r.seed}: {n}" for r in results for n in r.notes]
     return "\n".join(lines)
@@ -297,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-folds", nargs="+", default=["val"])
     parser.add_argument("--test-folds", nargs="+", default=["test"])
     parser.add_argument("--raw", action="store_true", help="probe the raw voxels")
+    parser.add_argument("--shape", action="store_true", help="probe hand-crafted shape "
+                        "descriptors of binary masks (voxels > 0.5 after preprocessing)")
     parser.add_argument("--backbone", nargs="*", default=[],
                         help="backbone files (backbone.pt exports, our checkpoints)")
     parser.add_argument("--random-init", help="backbone config (YAML/JSON file or inline) to "
@@ -305,23 +389,30 @@ def main(argv: list[str] | None = None) -> int:
                         help="initialisation seeds for --random-init")
     parser.add_argument("--vit-features", nargs="+", default=["cls"], choices=VIT_FEATURES,
                         help="ViT features: CLS token, mean patch token, or both concatenated")
+    parser.add_argument("--label-fraction", type=float, default=1.0,
+                        help="fit on this stratified fraction of the training split")
+    parser.add_argument("--subset-seeds", type=int, nargs="+", default=[0],
+                        help="seeds of the --label-fraction subsets (the classification "
+                        "script's `seed` picks the same rows)")
     parser.add_argument("--k", type=int, default=20, help="k-NN neighbours (DINO: 20)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    if not (args.raw or args.backbone or args.random_init):
-        parser.error("nothing to probe: give --raw, --backbone and/or --random-init")
+    if not (args.raw or args.shape or args.backbone or args.random_init):
+        parser.error("nothing to probe: give --raw, --shape, --backbone and/or --random-init")
 
     start = time.perf_counter()
     splits, categories = load_splits(args.csv, args.target, args.resize_to, {
         "train": args.train_folds, "val": args.val_folds, "test": args.test_folds})
     log.info("loaded %s in %.1f s", {n: len(s.labels) for n, s in splits.items()},
              time.perf_counter() - start)
-    sources: list[tuple[str, int | None, Callable[[], nn.Module | None]]] = []
+    sources: list[tuple[str, int | None, Callable[[], nn.Module | FeatureFn]]] = []
     if args.raw:
-        sources.append(("raw voxels", None, lambda: None))
+        sources.append(("raw voxels", None, lambda: RAW))
+    if args.shape:
+        sources.append(("shape", None, lambda: SHAPE))
     for path in args.backbone:
         sources.append((str(path), None, lambda p=path: load_backbone(p)[0]))
     if args.random_init:
@@ -338,8 +429,9 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             sources.append((f"random {config['name']}", seed,
                             lambda s=seed: random_backbone(s)))
+    subsets = training_subsets(splits["train"].labels, args.label_fraction, args.subset_seeds)
     results = evaluate(sources, splits, len(categories), args.vit_features, args.k,
-                       batch_size=args.batch_size, device=args.device)
+                       batch_size=args.batch_size, device=args.device, subsets=subsets)
     print(f"\n{args.csv}, target {args.target} ({len(categories)} classes), resize_to "
           f"{args.resize_to}, test split n={len(splits['test'].labels)}; "
           f"{time.perf_counter() - start:.0f} s in all\n")

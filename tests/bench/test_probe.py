@@ -161,3 +161,53 @@ def test_parse_backbone_config_file_and_error(probe: ModuleType, tmp_path: Path)
     assert probe.parse_backbone_config(str(path))["patch_size"] == [8, 8, 8]
     with pytest.raises(ValueError, match="backbone 'name'"):
         probe.parse_backbone_config("{hidden_size: 32}")
+
+
+def test_shape_descriptors_of_boxes(probe: ModuleType) -> None:
+    """A solid a x b x c box: every descriptor has a closed form. The coordinate variance of
+    n consecutive integers is (n^2 - 1)/12, and a box's axes are its principal axes."""
+    images = torch.zeros(2, 1, 16, 16, 16)
+    images[0, 0, 4:12, 5:11, 6:10] = 1.0  # 8 x 6 x 4, centred: its own mirror image
+    images[1, 0, 0:6, 5:11, 6:10] = 1.0  # 6 x 6 x 4 against the low x border
+    d = probe.shape_descriptors(images).numpy()
+    assert d.shape == (2, len(probe.SHAPE_DESCRIPTORS))
+    col = {name: d[:, i] for i, name in enumerate(probe.SHAPE_DESCRIPTORS)}
+    np.testing.assert_allclose(col["log_volume"], np.log([8 * 6 * 4, 6 * 6 * 4]))
+    var = [[(n * n - 1) / 12 for n in (8, 6, 4)], [(n * n - 1) / 12 for n in (6, 6, 4)]]
+    np.testing.assert_allclose(d[:, 1:4], [sorted(v, reverse=True) for v in var], rtol=1e-6)
+    np.testing.assert_allclose(col["elongation"], [var[0][0] / var[0][2], var[1][0] / var[1][2]])
+    np.testing.assert_allclose(col["flatness"], [var[0][1] / var[0][2], var[1][1] / var[1][2]])
+    np.testing.assert_array_equal(d[:, 6:9], [[8, 6, 4], [6, 6, 4]])
+    # The centred box is symmetric; the border box (x 0..5) and its mirror (x 10..15) do
+    # not overlap, so every voxel of both differs: 2 x its volume.
+    np.testing.assert_allclose(d[:, 9:12], [[0, 0, 0], [2, 0, 0]])
+    # Surface voxels: the box minus its interior (a-2)(b-2)(c-2); the array border is outside.
+    surface = [8 * 6 * 4 - 6 * 4 * 2, 6 * 6 * 4 - 4 * 4 * 2]
+    np.testing.assert_allclose(col["surface_ratio"],
+                               [surface[0] / 192 ** (2 / 3), surface[1] / 144 ** (2 / 3)])
+    with pytest.raises(ValueError, match="at least 2 foreground"):
+        probe.shape_descriptors(torch.zeros(1, 1, 8, 8, 8))
+
+
+def test_label_fraction_probes_the_classification_scripts_subsets(
+        probe: ModuleType, cohort: Path, tmp_path: Path) -> None:
+    """--label-fraction fits on the rows that ``label_fraction``/``seed`` train the
+    classifier on (``label_subset`` over the CSV's training rows), val and test stay whole."""
+    import csv
+
+    from medssl.run.classification import label_subset
+
+    splits, _ = probe.load_splits(cohort, "label", [16, 16, 16], FOLDS)
+    rows = [r for r in csv.DictReader(cohort.open()) if r["fold"] == "0"]
+    for fraction, seed, keep in probe.training_subsets(splits["train"].labels, 0.5, [0, 1]):
+        expected = {r["PatientID"] for r in label_subset(rows, 0.5, "label", seed)}
+        assert {rows[i]["PatientID"] for i in keep} == expected and fraction == 0.5
+    out = tmp_path / "probe.json"
+    assert probe.main([str(cohort), "--resize-to", "16", "16", "16", "--train-folds", "0",
+                       "--val-folds", "1", "--test-folds", "2", "--raw", "--shape",
+                       "--label-fraction", "0.5", "--subset-seeds", "0", "1", "--k", "5",
+                       "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert [(r["source"], r["label_fraction"], r["subset_seed"]) for r in results] == [
+        ("raw voxels", 0.5, 0), ("raw voxels", 0.5, 1), ("shape", 0.5, 0), ("shape", 0.5, 1)]
+    assert all(r["knn"]["auc"] == 1.0 for r in results[:2])  # 12 volumes still separate
