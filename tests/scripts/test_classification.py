@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from medssl.data.demo import generate
@@ -378,6 +378,9 @@ def test_medmnist_benchmark_quick(tmp_path: Path) -> None:
     for r in runs:  # half of the 16 training rows, stratified
         folder = tmp_path / "bench" / "runs" / f"{r['arm']}_f0.5_s0"
         assert len(pd.read_csv(folder / "train_rows.csv")) == 8
+        # Quick mode's 3 epochs; the linear probe keeps its steps at half the rows: 6 epochs.
+        epochs = OmegaConf.load(folder / "config.yaml").n_epochs
+        assert epochs == (6 if r["arm"] == "dino-linear" else 3)
     summary = (tmp_path / "bench" / "summary.md").read_text()
     assert summary.count("| 0.5 |") == 3 and "quick mode" in summary
 
