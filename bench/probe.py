@@ -128,10 +128,11 @@ def shape_descriptors(images: torch.Tensor, threshold: float = 0.5) -> torch.Ten
     if images.ndim != 5 or images.shape[1] != 1:
         raise ValueError(f"shape descriptors need masks (N, 1, X, Y, Z), got {tuple(images.shape)}")
     out = []
-    for mask in (images[:, 0] > threshold):
+    for i, mask in enumerate(images[:, 0] > threshold):
         count = int(mask.sum())
         if count < 2:
-            raise ValueError("shape descriptors need at least 2 foreground voxels per mask")
+            raise ValueError(f"mask {i} has {count} voxels > {threshold}: shape descriptors "
+                             "need at least 2 foreground voxels per mask")
         coords = mask.nonzero().double()
         eig = torch.linalg.eigvalsh(torch.cov(coords.T, correction=0)).flip(0).clamp_min(1e-6)
         extent = coords.amax(0) - coords.amin(0) + 1
@@ -380,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-folds", nargs="+", default=["test"])
     parser.add_argument("--raw", action="store_true", help="probe the raw voxels")
     parser.add_argument("--shape", action="store_true", help="probe hand-crafted shape "
-                        "descriptors of binary masks (voxels > 0.5 after preprocessing)")
+                        "descriptors of binary masks (voxels > 0.5 after preprocessing); "
+                        "read the linear probe, the k-NN compares their raw units")
     parser.add_argument("--backbone", nargs="*", default=[],
                         help="backbone files (backbone.pt exports, our checkpoints)")
     parser.add_argument("--random-init", help="backbone config (YAML/JSON file or inline) to "

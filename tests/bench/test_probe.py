@@ -185,7 +185,7 @@ def test_shape_descriptors_of_boxes(probe: ModuleType) -> None:
     surface = [8 * 6 * 4 - 6 * 4 * 2, 6 * 6 * 4 - 4 * 4 * 2]
     np.testing.assert_allclose(col["surface_ratio"],
                                [surface[0] / 192 ** (2 / 3), surface[1] / 144 ** (2 / 3)])
-    with pytest.raises(ValueError, match="at least 2 foreground"):
+    with pytest.raises(ValueError, match="mask 0 has 0 voxels > 0.5"):
         probe.shape_descriptors(torch.zeros(1, 1, 8, 8, 8))
 
 
