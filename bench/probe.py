@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from scipy.ndimage import binary_erosion, generate_binary_structure
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
@@ -114,6 +115,7 @@ def _plain(x: torch.Tensor) -> torch.Tensor:
 SHAPE_DESCRIPTORS = ("log_volume", "inertia_1", "inertia_2", "inertia_3", "elongation",
                      "flatness", "extent_0", "extent_1", "extent_2", "mirror_asymmetry_0",
                      "mirror_asymmetry_1", "mirror_asymmetry_2", "surface_ratio")
+FACE_NEIGHBOURS = generate_binary_structure(3, 1)  # 6-connectivity
 
 
 def shape_descriptors(images: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
@@ -137,22 +139,11 @@ def shape_descriptors(images: torch.Tensor, threshold: float = 0.5) -> torch.Ten
         eig = torch.linalg.eigvalsh(torch.cov(coords.T, correction=0)).flip(0).clamp_min(1e-6)
         extent = coords.amax(0) - coords.amin(0) + 1
         mirror = [float((mask != mask.flip(a)).sum()) / count for a in range(3)]
-        surface = count - float(_six_neighbour_erosion(mask).sum())
+        # Interior: voxels whose six face neighbours are all inside (the border is outside).
+        surface = count - int(binary_erosion(mask.numpy(), FACE_NEIGHBOURS).sum())
         out.append([np.log(count), *eig.tolist(), float(eig[0] / eig[2]),
                     float(eig[1] / eig[2]), *extent.tolist(), *mirror, surface / count ** (2 / 3)])
     return torch.tensor(out, dtype=torch.float64)
-
-
-def _six_neighbour_erosion(mask: torch.Tensor) -> torch.Tensor:
-    """Voxels of a 3D boolean mask whose six face neighbours are all inside (outside = 0)."""
-    p = torch.nn.functional.pad(mask.float(), (1,) * 6).bool()
-    core = p[1:-1, 1:-1, 1:-1]
-    for axis in range(3):
-        for shift in (0, 2):
-            index = [slice(1, -1)] * 3
-            index[axis] = slice(shift, shift + mask.shape[axis])
-            core = core & p[tuple(index)]
-    return core
 
 
 @torch.no_grad()
@@ -285,12 +276,14 @@ def probe(features: dict[str, torch.Tensor], labels: dict[str, np.ndarray], n_cl
 # A source's builder returns a backbone, or (feature kind, function of the images) for
 # features that are not a network's: raw voxels, shape descriptors.
 FeatureFn = tuple[str, Callable[[torch.Tensor], torch.Tensor]]
+# (label fraction, subset seed or None for all rows, training-split indices)
+Subset = tuple[float, int | None, np.ndarray]
 RAW: FeatureFn = ("voxels", lambda images: images.flatten(1))
 SHAPE: FeatureFn = ("descriptors", shape_descriptors)
 
 
 def training_subsets(labels: np.ndarray, fraction: float, seeds: Sequence[int]
-                     ) -> list[tuple[float, int | None, np.ndarray]]:
+                     ) -> list[Subset]:
     """(fraction, seed, training indices) per seed: the stratified subsets ``label_subset``
     gives the classification script for ``label_fraction=fraction seed=S`` (same row order);
     one entry with every index when ``fraction`` is 1."""
@@ -305,8 +298,7 @@ def evaluate(sources: Sequence[tuple[str, int | None, Callable[[], nn.Module | F
              splits: dict[str, Split], n_classes: int, vit_features: Sequence[str] = ("cls",),
              k: int = 20, cs: Sequence[float] = DEFAULT_CS, batch_size: int = 64,
              device: str = "cpu",
-             subsets: Sequence[tuple[float, int | None, np.ndarray]] | None = None
-             ) -> list[ProbeResult]:
+             subsets: Sequence[Subset] | None = None) -> list[ProbeResult]:
     """Probe every source (a backbone, or ``RAW``/``SHAPE``-style features) on every
     training subset (default: the whole training split); the k-NN bank and the linear fit
     use the subset, val and test stay whole."""
