@@ -64,9 +64,10 @@ def deterministic():
     """Deterministic kernels: on several CPU threads the gradient of Swin's relative-position
     bias table (an indexed gather, whose backward adds into the table with atomic adds) sums
     in a different order each run, ~1e-7 apart, with or without checkpointing (seen on CI)."""
+    before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     yield
-    torch.use_deterministic_algorithms(False)
+    torch.use_deterministic_algorithms(before)
 
 
 @pytest.mark.parametrize(("name", "kwargs", "shape"), CASES)
