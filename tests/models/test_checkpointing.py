@@ -9,6 +9,8 @@ not depend on the allocator or on other processes.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 from torch import nn
@@ -60,7 +62,7 @@ def _step(net: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], int]:
 
 
 @pytest.fixture
-def deterministic():
+def deterministic() -> Iterator[None]:
     """Deterministic kernels: on several CPU threads the gradient of Swin's relative-position
     bias table (an indexed gather, whose backward adds into the table with atomic adds) sums
     in a different order each run, ~1e-7 apart, with or without checkpointing (seen on CI)."""
