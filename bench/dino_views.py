@@ -75,6 +75,9 @@ def measure(cfg: DictConfig, n_batches: int = 1) -> dict[str, dict[str, float]]:
     """Mean view agreement over ``n_batches`` training batches: ``global`` (view 1 against
     view 2) and ``local`` (each global view against each local view)."""
     L.seed_everything(0 if cfg.seed is None else cfg.seed, verbose=False)
+    if cfg.augment_on_device:  # where the views are cut, not what they are
+        log.info("augment_on_device=true: the views are cut in the loaders here")
+        cfg.augment_on_device = False
     task = DinoTask()
     data = task.build_data(cfg)
     data.setup("fit")

@@ -60,6 +60,11 @@ def test_identical_views_are_retrieved_and_augmented_ones_less(
     assert identical["global"]["top1"] == 1.0
     # Local views are a fraction of the volume: never the same picture.
     assert identical["local"]["same"] < 0.99
+    # Views a run would cut on the device are cut in the loaders here: the same views.
+    on_device = views.measure(views.compose_config([*base, *IDENTICAL_VIEWS,
+                                                    "augment_on_device=true"]))
+    for kind in ("global", "local"):
+        assert on_device[kind] == pytest.approx(identical[kind], abs=1e-6)
     augmented = views.measure(views.compose_config(base), n_batches=3)  # past one epoch
     assert set(augmented) == {"global", "local"}
     assert augmented["global"]["same"] < 0.99
