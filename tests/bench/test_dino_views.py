@@ -16,7 +16,7 @@ from medssl.data.demo import DemoPaths
 from tests.conftest import TINY_DINO
 
 DINO_VIEWS_PY = Path(__file__).resolve().parents[2] / "bench" / "dino_views.py"
-# Every view the whole volume, unaugmented: the two global views are the same picture.
+# Global views cover the whole volume and nothing is augmented: the two are the same picture.
 IDENTICAL_VIEWS = [
     "global_crop_scale=[1,1]", "global_blur_prob=[0,0]", "global_invert_prob=[0,0]",
     "local_blur_prob=0", "augment.intensity_scale_prob=0", "augment.gamma_prob=0",
