@@ -32,10 +32,8 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
-from medssl.run import register_configs, run
+from medssl.run import compose_config, run
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(os.environ.get("MEDSSL_REAL_DATA", REPO.parent / "shared" / "real_data"))
@@ -87,10 +85,7 @@ def arm_overrides(names: list[str], mode: dict, fraction: float) -> list[str]:
 def compose_run(config: str, overrides: list[str]) -> float:
     """Compose ``configs/<config>.yaml`` with ``overrides`` as the entry script does, run it,
     and return the wall time in seconds."""
-    GlobalHydra.instance().clear()
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose(config_name=config, overrides=overrides)
+    cfg = compose_config(REPO / "configs", config, overrides)
     start = time.perf_counter()
     run(cfg)
     return time.perf_counter() - start

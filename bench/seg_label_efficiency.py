@@ -21,14 +21,12 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 from medssl.data.table import read_cohort
 from medssl.models.backbones import build_backbone
 from medssl.models.weights import save_backbone
-from medssl.run import register_configs, run
+from medssl.run import compose_config, run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 log = logging.getLogger("seg_label_efficiency")
@@ -59,9 +57,7 @@ def deflate_vit(export: Path, out: Path) -> Path:
 
 
 def _compose(overrides: list[str]) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose(config_name="segmentation", overrides=overrides)
+    return compose_config(CONFIGS, "segmentation", overrides)
 
 
 def main() -> None:
@@ -76,7 +72,6 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not args.dino.is_file():
         raise SystemExit(f"{args.dino} not found: run `python self_supervised/dino.py` first")
-    register_configs()
     args.out.mkdir(parents=True, exist_ok=True)
     weights = {3: args.dino, 2: deflate_vit(args.dino, args.out / "dino_2d.pt")}
     base = _compose([f"results_dir={args.out}"])

@@ -41,8 +41,6 @@ from types import SimpleNamespace
 
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
@@ -151,12 +149,9 @@ def _sync(device: torch.device) -> None:
 
 
 def compose_config(script: str, overrides: list[str]) -> DictConfig:
-    from medssl.run import register_configs
+    from medssl.run import compose_config as compose
 
-    GlobalHydra.instance().clear()
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose(config_name=script, overrides=overrides)
+    return compose(REPO / "configs", script, overrides)
 
 
 def fit(module: L.LightningModule, batch: dict, n_batches: int, args: argparse.Namespace,

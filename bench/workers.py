@@ -22,10 +22,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
-from medssl.run import register_configs, run
+from medssl.run import compose_config, run
 from medssl.run.tasks import get_task
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,12 +46,9 @@ class EpochTimer(L.Callback):
 
 def epoch_times(n_workers: int, epochs: int, overrides: list[str], root: Path) -> list[float]:
     """Epoch times of one demo DINO run with ``n_workers``."""
-    GlobalHydra.instance().clear()
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("dino", [f"n_workers={n_workers}", f"n_epochs={epochs}",
-                               f"results_dir={root / f'w{n_workers}'}", "accelerator=cpu",
-                               "devices=1", "progress_bar=false", *overrides])
+    cfg = compose_config(REPO / "configs", "dino", [
+        f"n_workers={n_workers}", f"n_epochs={epochs}", f"results_dir={root / f'w{n_workers}'}",
+        "accelerator=cpu", "devices=1", "progress_bar=false", *overrides])
     timer = EpochTimer()
     task = get_task("dino")
     callbacks = type(task).callbacks

@@ -6,13 +6,10 @@ import os
 from pathlib import Path
 
 import pytest
-from hydra import compose as hydra_compose
-from hydra import initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 from medssl.data.demo import DemoPaths, DemoSpec, generate
-from medssl.run import register_configs
+from medssl.run import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(os.environ.get("MEDSSL_REAL_DATA", REPO.parent / "shared" / "real_data"))
@@ -35,10 +32,7 @@ def real_data() -> Path:
 
 def compose(config_name: str, overrides: list[str]) -> DictConfig:
     """Compose ``configs/<config_name>.yaml`` as the entry script would, plus overrides."""
-    GlobalHydra.instance().clear()
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=overrides)
+    return compose_config(REPO / "configs", config_name, overrides)
 
 
 TINY_DINO = [

@@ -4,7 +4,7 @@ An entry script composes its config with Hydra and calls ``run(cfg)``; call
 ``register_configs()`` once before composing.
 """
 
-from medssl.run.config import register_configs
+from medssl.run.config import compose_config, register_configs
 from medssl.run.harness import run
 
-__all__ = ["register_configs", "run"]
+__all__ = ["compose_config", "register_configs", "run"]

@@ -9,8 +9,9 @@ the schema is an error too (typos do not pass silently).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -99,6 +100,19 @@ def register_configs() -> None:
         store.store(name=f"{name}_schema", node=cls)
     if not OmegaConf.has_resolver("demo_csv"):
         OmegaConf.register_new_resolver("demo_csv", _demo_csv)
+
+
+def compose_config(config_dir: str | Path, config_name: str,
+                   overrides: Sequence[str] = ()) -> DictConfig:
+    """``config_dir/<config_name>.yaml`` plus overrides, composed as the entry scripts' Hydra
+    does, for code that is not a Hydra app (benchmarks, tests)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    register_configs()
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))
 
 
 def plain(value: Any) -> Any:

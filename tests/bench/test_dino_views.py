@@ -55,17 +55,17 @@ def test_identical_views_are_retrieved_and_augmented_ones_less(
         views: ModuleType, demo: DemoPaths, tmp_path: Path) -> None:
     base = [f"csv_path={demo.classification_csv}", f"results_dir={tmp_path}", *TINY_DINO,
             "batch_size=4"]
-    identical = views.measure(views.compose_config([*base, *IDENTICAL_VIEWS]))
+    identical = views.measure(views.dino_config([*base, *IDENTICAL_VIEWS]))
     assert identical["global"]["same"] == pytest.approx(1.0, abs=1e-5)
     assert identical["global"]["top1"] == 1.0
     # Local views are a fraction of the volume: never the same picture.
     assert identical["local"]["same"] < 0.99
     # Views a run would cut on the device are cut in the loaders here: the same views.
-    on_device = views.measure(views.compose_config([*base, *IDENTICAL_VIEWS,
+    on_device = views.measure(views.dino_config([*base, *IDENTICAL_VIEWS,
                                                     "augment_on_device=true"]))
     for kind in ("global", "local"):
         assert on_device[kind] == pytest.approx(identical[kind], abs=1e-6)
-    augmented = views.measure(views.compose_config(base), n_batches=3)  # past one epoch
+    augmented = views.measure(views.dino_config(base), n_batches=3)  # past one epoch
     assert set(augmented) == {"global", "local"}
     assert augmented["global"]["same"] < 0.99
     for values in augmented.values():
@@ -76,7 +76,7 @@ def test_a_run_to_resume_is_not_a_weight_source(
         views: ModuleType, demo: DemoPaths, tmp_path: Path) -> None:
     ckpt = tmp_path / "last.ckpt"
     ckpt.write_bytes(b"")
-    cfg = views.compose_config([f"csv_path={demo.classification_csv}",
+    cfg = views.dino_config([f"csv_path={demo.classification_csv}",
                                 f"results_dir={tmp_path}", *TINY_DINO,
                                 f"resume_training_from={ckpt}"])
     with pytest.raises(ValueError, match="resume_training_from: give pretrained weights"):
@@ -111,7 +111,7 @@ def test_a_fresh_vit_tells_real_mri_views_apart(
     a block's own global view far above chance (0.31 at batch 64 there), the signal DINO
     bootstraps from."""
     csv = brain_blocks(real_data / "mricron_data_debian" / "ch2.nii.gz", tmp_path)
-    cfg = views.compose_config(["preset=medmnist", f"csv_path={csv}", f"results_dir={tmp_path}",
+    cfg = views.dino_config(["preset=medmnist", f"csv_path={csv}", f"results_dir={tmp_path}",
                                 "batch_size=32", "cache=none", "n_workers=0"])
     result = views.measure(cfg, n_batches=2)
     assert result["global"]["top1"] > 5 / 32  # chance: 1 / 32
