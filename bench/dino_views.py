@@ -20,6 +20,9 @@ global-global and global-local view pairs, with each view's features centred ove
 
 On AdrenalMNIST3D a fresh ViT gives top-1 0.03 (global-global) and 0.02 (global-local) at
 batch 64 with the default views, and identical views give 1.0 (``bench/results/dino.md``).
+Training logs the global-global numbers of its teacher every step (``train/view_top1``,
+``train/view_cosine``); this script gives them before a run, at a larger batch, and for the
+local views too.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 from torch import Tensor
-from torch.nn import functional as F
 
+from medssl.models import monitors
 from medssl.models.backbone_base import pooled_features
 from medssl.run import compose_config
 from medssl.run.dino import DinoTask
@@ -47,19 +50,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def view_agreement(a: Tensor, b: Tensor) -> dict[str, float]:
-    """Agreement of two views' features (B, D), row i of each from volume i, each centred
-    over the batch: mean cosine of same-volume and of other-volume pairs, and top-1
-    retrieval of the same volume."""
-    if a.shape != b.shape or a.shape[0] < 2:
-        raise ValueError(f"need two (B, D) feature sets with B >= 2, got {tuple(a.shape)} "
-                         f"and {tuple(b.shape)}")
-    a = F.normalize(a - a.mean(0), dim=-1)
-    b = F.normalize(b - b.mean(0), dim=-1)
-    sim = a @ b.T
-    other = ~torch.eye(len(sim), dtype=torch.bool)
-    hits = sim.argmax(1) == torch.arange(len(sim))
-    return {"same": sim.diag().mean().item(), "other": sim[other].mean().item(),
-            "top1": hits.float().mean().item(), "top1_chance": 1 / len(sim)}
+    """``medssl.models.monitors.view_agreement`` (the monitor DINO logs while training) as
+    numbers, with ``top1_chance`` = 1 / B."""
+    return {k: v.item() for k, v in monitors.view_agreement(a, b).items()} | {
+        "top1_chance": 1 / len(a)}
 
 
 def dino_config(overrides: Sequence[str]) -> DictConfig:

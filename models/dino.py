@@ -33,6 +33,7 @@ from medssl.models.monitors import (
     embedding_spread,
     entropy_fraction,
     prototype_information,
+    view_agreement,
 )
 from medssl.models.optim import adamw
 
@@ -280,6 +281,9 @@ class DINO(L.LightningModule):
                 "train/embedding_spread": embedding_spread(teacher_feats),
                 "train/teacher_entropy_fraction": entropy_fraction(sharpened),
                 "train/prototype_information": prototype_information(sharpened)}
+        if n_global >= 2 and bs >= 2:  # the teacher's two global views of each volume
+            views = view_agreement(*teacher_feats.chunk(n_global)[:2])
+            log |= {"train/view_top1": views["top1"], "train/view_cosine": views["same"]}
         self.log_dict(log, batch_size=bs, sync_dist=True, prog_bar=False)
         self.log("dino_loss", loss, batch_size=bs, prog_bar=True, logger=False)
         if batch_idx == 0:

@@ -34,21 +34,14 @@ def views() -> ModuleType:
     return module
 
 
-def test_agreement_of_identical_and_of_swapped_views(views: ModuleType) -> None:
-    a = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
-    same = views.view_agreement(a, a)
-    assert same["same"] == pytest.approx(1.0)
-    assert same["top1"] == 1.0
-    # Pair every volume with another one's view: its own view is never the nearest.
-    swapped = views.view_agreement(a, a.roll(1, dims=0))
-    assert swapped["top1"] == 0.0
-    assert swapped["same"] < 0.5
-    # A component shared by every volume (what a fresh ViT's output is mostly made of) is
-    # centred away: it changes nothing.
-    shifted = views.view_agreement(a + 10.0, a.roll(1, dims=0) - 3.0)
-    assert shifted == pytest.approx(swapped, abs=1e-5)
-    with pytest.raises(ValueError, match="B >= 2"):
-        views.view_agreement(a[:1], a[:1])
+def test_agreement_as_numbers_with_chance(views: ModuleType) -> None:
+    """The script reports the training monitor's values (tested in
+    tests/models/test_monitors.py) as floats, with the chance level 1 / B."""
+    a = torch.eye(4)
+    got = views.view_agreement(a, a[[0, 1, 3, 2]])
+    assert got == pytest.approx({"same": 1 / 3, "other": -1 / 9, "top1": 0.5,
+                                 "top1_chance": 0.25})
+    assert all(isinstance(v, float) for v in got.values())
 
 
 def test_identical_views_are_retrieved_and_augmented_ones_less(

@@ -452,3 +452,25 @@ def test_sinkhorn_knopp_targets_balance_the_prototypes() -> None:
     assert torch.allclose(targets.sum(-1), torch.ones(2, 8), atol=1e-5)
     column = targets.reshape(16, 64).sum(0)
     assert column.std() / column.mean() < 0.05  # near-equal mass per prototype
+
+
+class _SameGlobals(_Crops):
+    """Both global crops of a sample are one picture (identical views)."""
+
+    def __getitem__(self, i: int) -> dict[str, list[Tensor]]:
+        crops = super().__getitem__(i)["crops"]
+        return {"crops": [crops[0], crops[0].clone(), *crops[2:]]}
+
+
+def test_view_monitor_reads_the_teachers_two_global_views(tmp_path: Path) -> None:
+    """Identical global views: the teacher retrieves every volume's own view (top-1 1, cosine
+    1); independent noise views carry nothing of each other."""
+    module = _module(lr=1e-3, min_lr=1e-3)
+    trainer = _trainer(tmp_path, max_steps=1)
+    trainer.fit(module, DataLoader(_SameGlobals(4), batch_size=4))
+    assert trainer.callback_metrics["train/view_top1"].item() == 1.0
+    assert trainer.callback_metrics["train/view_cosine"].item() == pytest.approx(1.0, abs=1e-5)
+    module = _module(lr=1e-3, min_lr=1e-3)
+    trainer = _trainer(tmp_path, max_steps=1)
+    trainer.fit(module, _loader(4, batch_size=4))
+    assert trainer.callback_metrics["train/view_cosine"].item() < 0.9

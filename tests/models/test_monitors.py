@@ -21,6 +21,7 @@ from medssl.models.monitors import (
     prototype_information,
     roc_auc,
     softmax_entropy,
+    view_agreement,
 )
 
 
@@ -322,3 +323,32 @@ def test_unshard_restores_the_order_of_rank_shares(n: int, world: int) -> None:
     restored = unshard(gathered, n)
     assert restored.shape == (n, 3)
     assert restored[:, 0].tolist() == list(range(n))
+
+
+def test_view_agreement_of_identical_swapped_and_shifted_views() -> None:
+    a = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    same = view_agreement(a, a)
+    assert same["same"].item() == pytest.approx(1.0)
+    assert same["top1"].item() == 1.0
+    # Pair every volume with another one's view: its own view is never the nearest.
+    swapped = view_agreement(a, a.roll(1, dims=0))
+    assert swapped["top1"].item() == 0.0
+    assert swapped["same"].item() < 0.5
+    # A component every volume shares (most of a fresh ViT's output) is centred away.
+    shifted = view_agreement(a + 10.0, a.roll(1, dims=0) - 3.0)
+    for key in ("same", "other", "top1"):
+        assert shifted[key].item() == pytest.approx(swapped[key].item(), abs=1e-5)
+    with pytest.raises(ValueError, match="B >= 2"):
+        view_agreement(a[:1], a[:1])
+
+
+def test_view_agreement_by_hand() -> None:
+    """Four volumes along the axes of 4-D space; volumes 2 and 3 swap their second views.
+    Centred over the batch, e_i - 1/4 has squared norm 3/4 and dot product -1/4 with any
+    other e_j - 1/4: cosine 1 with itself and -1/3 with the others (uncentred: 0)."""
+    a = torch.eye(4)
+    got = view_agreement(a, a[[0, 1, 3, 2]])
+    assert got["top1"].item() == pytest.approx(0.5)  # volumes 0 and 1 find their own view
+    assert got["same"].item() == pytest.approx((1 + 1 - 1 / 3 - 1 / 3) / 4)
+    # The 12 other-volume pairs: 2 at cosine 1 (the swapped views), 10 at -1/3.
+    assert got["other"].item() == pytest.approx((2 - 10 / 3) / 12)

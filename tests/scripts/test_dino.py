@@ -69,7 +69,8 @@ def test_pretraining_run(dino_cfg: DictConfig) -> None:
     assert len(loss) == 24 and all(math.isfinite(x) for x in loss)
     for tag in ("train/lr", "train/weight_decay", "train/momentum", "train/teacher_temp",
                 "train/embedding_spread", "train/teacher_entropy_fraction",
-                "train/prototype_information", "val/dino_loss", "val/knn_accuracy",
+                "train/prototype_information", "train/view_top1", "train/view_cosine",
+                "val/dino_loss", "val/knn_accuracy",
                 f"{dino_cfg.monitor}"):
         assert events.Scalars(tag), tag
     assert "train/crops" in events.Tags()["images"]
