@@ -314,13 +314,14 @@ class SegmentationModule(L.LightningModule):
         return self._predict(batch)[1].to(torch.int16).cpu()
 
     def _log_cases(self, stage: str) -> None:
-        """Mean over cases (all devices) per class and over classes; NaNs are skipped."""
+        """Mean over cases (all devices) per class and over classes; NaNs are skipped, and
+        the Hausdorff distance is not logged when it is switched off (``hd95=false``)."""
         if not self._cases:
             return
         cases = {k: torch.cat(v) for k, v in self._cases.items()}
         self._cases = {}
         log = {}
-        for key in ("dice", "hd95"):
+        for key in ("dice", "hd95") if self.hparams.hd95 else ("dice",):
             values = self.all_gather(cases[key]).reshape(-1, cases[key].shape[-1])
             per_class = values.nanmean(0)
             log[f"{stage}/{key}"] = per_class.nanmean()

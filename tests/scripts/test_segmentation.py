@@ -214,6 +214,7 @@ def test_2d_trains_lowers_loss_and_scores_whole_volumes(demo: DemoPaths, tmp_pat
     assert len(loss) == 3 * 6
     assert np.mean(loss[-4:]) < 0.8 * np.mean(loss[:4])
     assert len(_scalars(out, "val/dice")) == 3
+    assert not _scalars(out, "val/hd95") and not _scalars(out, "test/hd95")  # hd95=false
     image = nib.load(demo.root / "nifti" / "DEMO008_image.nii.gz")
     pred = nib.load(out / "test" / "predictions" / "DEMO008.nii.gz")
     assert pred.shape == image.shape and np.allclose(pred.affine, image.affine, atol=1e-5)
