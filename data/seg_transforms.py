@@ -51,7 +51,7 @@ def label_problem(path: str | Path, num_classes: int, series: str | None = None)
         series: the series to read from a folder holding several.
     """
     try:
-        values = load_volume(path, series).array
+        values = load_volume(path, series, allow_constant=True).array  # all background is valid
     except (VolumeError, DicomError) as exc:
         return f"cannot read the label map ({exc})"
     fractional = values[values != np.round(values)]

@@ -64,6 +64,10 @@ def test_label_values_all_bad_rows_named(tmp_path: Path) -> None:
     assert str(tmp_path / "high.nii.gz") in message and message.count(image) == 2
     assert "P0" not in message
     check_label_values(rows[:1], num_classes=3, csv_path="seg.csv")  # good row passes
+    # A case with no foreground (all background) is a valid label map, not a blank image.
+    empty = {"row": "seg.csv line 5 (PatientID P3)", "img_path": image,
+             "seg_path": _save(tmp_path / "empty.nii.gz", np.zeros((4, 4, 4), np.uint8))}
+    check_label_values([empty], num_classes=3, csv_path="seg.csv")
     with pytest.raises(ValueError, match="num_classes"):
         check_label_values(rows[:1], num_classes=1, csv_path="seg.csv")
 
