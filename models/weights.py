@@ -10,6 +10,7 @@ import json
 import logging
 import pickle
 import re
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,15 +119,48 @@ def save_backbone(
     torch.save(payload, path)
 
 
-def _load_file(path: str | Path) -> Any:
+# What to do about a file that needs full unpickling: weights from outside are never unpickled;
+# a checkpoint of one's own run may be, when the user vouches for it.
+RESAVE_HINT = ("e.g. the argparse args of original DINO checkpoints. Re-save only its state "
+               "dict from a trusted environment")
+TRUST_HINT = ("loading it could run code from the file. Only if you trust its origin, set "
+              "trust_checkpoint=true")
+
+
+def load_file(path: str | Path, trust: bool = False, mmap: bool = False,
+              unsafe_hint: str = RESAVE_HINT) -> Any:
+    """``torch.load`` on CPU (``weights_only`` unless ``trust``), with errors that name the
+    file and say what is wrong with it instead of torch's internals.
+
+    Args:
+        path: the file.
+        trust: allow pickled Python objects (only for checkpoints the user vouches for).
+        mmap: map the file instead of reading it (zip-format files only; others are read).
+        unsafe_hint: what to do about a file that needs full unpickling.
+    Raises:
+        ValueError: the file is not a PyTorch file (empty, truncated, another format), or it
+            needs full unpickling and ``trust`` is off.
+    """
+    path = Path(path)
+    is_zip = zipfile.is_zipfile(path)  # torch.save's format since PyTorch 1.6
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=not trust, mmap=mmap and is_zip)
     except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{path} cannot be read with torch.load(weights_only=True): it pickles non-tensor "
-            "objects (e.g. the argparse args of original DINO checkpoints). Re-save only its "
-            "state dict from a trusted environment."
-        ) from err
+        if is_zip and not trust and "Weights only load failed" in str(err):
+            raise ValueError(f"{path} cannot be read with torch.load(weights_only=True): it "
+                             f"pickles objects beyond tensors and plain types ({unsafe_hint})."
+                             ) from err
+        raise ValueError(_unreadable(path, err)) from err
+    except (EOFError, KeyError, RuntimeError, OSError, ValueError) as err:
+        raise ValueError(_unreadable(path, err)) from err
+
+
+def _unreadable(path: Path, err: BaseException) -> str:
+    size = path.stat().st_size
+    what = "it is empty" if size == 0 else f"{size} bytes, neither a PyTorch file nor complete"
+    first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+    return (f"{path} is not a readable PyTorch checkpoint ({what}; torch.load: "
+            f"{type(err).__name__}{': ' + first if first else ''}). Was it copied completely?")
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -164,7 +198,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     Raises:
         ValueError: the file needs full unpickling or holds no name->tensor dict.
     """
-    return _extract(_load_file(path), path)
+    return _extract(load_file(path), path)
 
 
 def _unwrap_name(name: str) -> str:
@@ -227,7 +261,7 @@ def _read_source(
     if isinstance(path_or_state_dict, Mapping):
         raw, source = dict(path_or_state_dict), "in-memory state dict"
     else:
-        obj = _load_file(path_or_state_dict)
+        obj = load_file(path_or_state_dict)
         raw, kind = _extract(obj, path_or_state_dict)
         source = f"{kind} file {str(path_or_state_dict)!r}"
         if model is not None:
@@ -497,7 +531,7 @@ def load_backbone(path: str | Path, **overrides: Any) -> tuple[nn.Module, LoadRe
     Returns:
         (backbone, report); every backbone key is loaded or a ValueError is raised.
     """
-    obj = _load_file(path)
+    obj = load_file(path)
     state_dict, kind = _extract(obj, path)
     hparams = obj.get("hyper_parameters") if kind == "lightning" else None
     config, prefixes = None, [""]

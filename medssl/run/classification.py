@@ -18,7 +18,6 @@ from typing import Any
 import lightning as L
 import numpy as np
 import pandas as pd
-import torch
 from lightning.pytorch.callbacks import EarlyStopping
 from monai.transforms import RandAffined, RandFlipd, RandScaleIntensityd, RandShiftIntensityd
 from monai.utils import look_up_option
@@ -33,7 +32,14 @@ from medssl.data.table import Cohort, CohortError, category_order, is_missing
 from medssl.models.backbones import build_backbone
 from medssl.models.classifier import Classifier
 from medssl.models.metrics import classification_report
-from medssl.models.weights import LoadReport, check_behaviour, stored_config
+from medssl.models.weights import (
+    RESAVE_HINT,
+    TRUST_HINT,
+    LoadReport,
+    check_behaviour,
+    load_file,
+    stored_config,
+)
 from medssl.run.config import RunConfig, backbone_config, kwargs_for, plain, schema
 from medssl.run.dino import preprocessing
 from medssl.run.harness import (
@@ -339,8 +345,14 @@ def backbone_lr_scale(configured: float | None, source: WeightSource | None,
     return scale
 
 
-def _read(path: str | Path, trust: bool) -> Mapping:
-    return torch.load(path, map_location="cpu", weights_only=not trust)
+def _read(path: str | Path, trust: bool, pretrained: bool = False) -> Mapping:
+    """A checkpoint to resume or test (``trust_checkpoint`` honoured), or pretrained weights
+    (never unpickled)."""
+    obj = load_file(path, trust and not pretrained,
+                    unsafe_hint=RESAVE_HINT if pretrained else TRUST_HINT)
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a checkpoint")
+    return obj
 
 
 class ClassificationTask(Task):
@@ -418,7 +430,7 @@ class ClassificationTask(Task):
     def load_pretrained(self, module: L.LightningModule, source: WeightSource) -> LoadReport:
         """Check the file's recorded backbone config first, then load its backbone weights
         (our export, DINO's teacher, MAE's encoder, SuPreM; see ``load_weights``)."""
-        stored = stored_config(_read(source.path, trust=False))
+        stored = stored_config(_read(source.path, trust=False, pretrained=True))
         if stored is not None:
             check_backbone_config(f"{source.key}={source.path}", stored, module.backbone.config)
         return super().load_pretrained(module, source)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,7 +26,7 @@ from torch import nn
 
 from medssl.data.table import write_bad_rows
 from medssl.models.batchnorm import PreciseBatchNorm
-from medssl.models.weights import LoadReport, load_weights
+from medssl.models.weights import RESAVE_HINT, TRUST_HINT, LoadReport, load_file, load_weights
 from medssl.run.checkpoints import checkpoint_callbacks
 from medssl.run.config import WEIGHT_SOURCES, plain
 from medssl.run.guards import FiniteLossCheck
@@ -110,18 +109,13 @@ def weight_source(cfg: DictConfig) -> WeightSource | None:
     return WeightSource(given[0], path)
 
 
-def check_loadable(path: Path, trust: bool) -> int:
-    """Refuse a checkpoint that ``torch.load(weights_only=True)`` cannot read (it would run
-    pickled code) unless ``trust_checkpoint=true``; return its ``global_step`` (0 if none)."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as err:
-        if trust:
-            return 0
-        raise ValueError(
-            f"{path} holds pickled Python objects beyond tensors and plain types, so loading it "
-            "could run code from the file. Only if you trust its origin, set "
-            "trust_checkpoint=true.") from err
+def check_loadable(path: Path, trust: bool, pretrained: bool = False) -> int:
+    """Read a weight file before any data is prepared: refuse one that is not a PyTorch file,
+    or that ``torch.load(weights_only=True)`` cannot read (it would run pickled code) unless
+    ``trust_checkpoint=true`` for a run's own checkpoint (``pretrained`` weights are never
+    unpickled). Returns the ``global_step`` (0 if none)."""
+    checkpoint = load_file(path, trust and not pretrained, mmap=True,
+                           unsafe_hint=RESAVE_HINT if pretrained else TRUST_HINT)
     return int(checkpoint.get("global_step", 0)) if isinstance(checkpoint, dict) else 0
 
 
@@ -350,8 +344,8 @@ def run(cfg: DictConfig) -> L.Trainer:
         raise ValueError(f"test_ckpt: {task.name} has no test stage")
     resume = resume_checkpoint(cfg, source)
     resume_step = check_loadable(resume, cfg.trust_checkpoint) if resume is not None else 0
-    if source is not None and source.path.suffix == ".ckpt" and source.path != resume:
-        check_loadable(source.path, cfg.trust_checkpoint)
+    if source is not None and source.path != resume:
+        check_loadable(source.path, cfg.trust_checkpoint, source.pretrained)
     if cfg.seed is not None:
         L.seed_everything(cfg.seed, workers=True)
     layout = process_layout(cfg)  # under DDP a memory cache holds only this rank's share

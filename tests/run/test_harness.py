@@ -113,6 +113,27 @@ def test_checkpoint_needing_unpickling_is_refused(tmp_path: Path) -> None:
     safe = tmp_path / "safe.ckpt"
     torch.save({"state_dict": {"w": torch.ones(1)}}, safe)
     check_loadable(safe, trust=False)
+    # Pretrained weights are never unpickled, whatever trust_checkpoint says.
+    with pytest.raises(ValueError, match="Re-save only its state dict"):
+        check_loadable(path, trust=True, pretrained=True)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint\n", bytes(range(256)) * 16, "half"],
+                         ids=["empty", "text", "random", "truncated"])
+@pytest.mark.parametrize("trust", [False, True])
+def test_a_file_that_is_not_a_checkpoint_is_named_with_the_cause(tmp_path: Path,
+                                                                 content: bytes | str,
+                                                                 trust: bool) -> None:
+    path = tmp_path / "weights.ckpt"
+    if content == "half":  # a copy cut short
+        torch.save({"state_dict": {"w": torch.ones(1000)}}, path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match="is not a readable PyTorch checkpoint") as err:
+        check_loadable(path, trust=trust)
+    assert str(path) in str(err.value)
+    assert ("it is empty" in str(err.value)) is (content == b"")
 
 
 def test_second_run_of_an_experiment_refuses(tmp_path: Path) -> None:

@@ -249,6 +249,12 @@ def test_wrong_weight_files_fail_clearly(cls_cfg: DictConfig, tmp_path: Path) ->
     with pytest.raises(ValueError, match=r"backbone.hidden_size: 64 in the file, 32 configured; "
                        r"backbone.patch_size: \[8, 8, 8\] in the file, \[4, 8, 8\] configured"):
         run(cls_cfg)
+    # An empty file, before any volume is read (the demo CSV points at no cache yet).
+    (tmp_path / "empty.pt").touch()
+    _set(cls_cfg, dino_weights=str(tmp_path / "empty.pt"), csv_path=str(tmp_path / "none.csv"))
+    with pytest.raises(ValueError, match=r"empty.pt is not a readable PyTorch checkpoint \(it "
+                       r"is empty"):
+        run(cls_cfg)
 
 
 def test_unseen_category_names_the_row(cls_cfg: DictConfig, demo) -> None:
