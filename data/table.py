@@ -10,9 +10,12 @@ task             required columns
 ===============  ===============================================
 ssl, mae3d       PatientID, path, fold
 classification   PatientID, path, fold, <target columns>
-segmentation     PatientID, img_path, seg_path, fold, max_val
+segmentation     PatientID, img_path, seg_path, fold
 mae2d            PatientID, path, slice, fold, max_val
 ===============  ===============================================
+
+A ``max_val`` column (required for ``mae2d``, optional elsewhere) scales each row by
+x / max_val instead of by percentiles; where present, every cell must be a positive number.
 
 Fold values are integers (``0``..``4`` for cross-validation) or the names ``train``,
 ``val``, ``test`` (MedMNIST style), in any task. ``path``/``img_path``/``seg_path`` are a
@@ -42,7 +45,7 @@ TASK_COLUMNS: dict[str, tuple[str, ...]] = {
     "ssl": ("PatientID", "path", "fold"),
     "mae3d": ("PatientID", "path", "fold"),
     "classification": ("PatientID", "path", "fold"),
-    "segmentation": ("PatientID", "img_path", "seg_path", "fold", "max_val"),
+    "segmentation": ("PatientID", "img_path", "seg_path", "fold"),
     "mae2d": ("PatientID", "path", "slice", "fold", "max_val"),
 }
 PATH_COLUMNS = ("path", "img_path", "seg_path")
@@ -392,13 +395,16 @@ def _check_row(row: dict, task: str, targets: Sequence[str], base: Path) -> list
                 raise ValueError
         except ValueError:
             bad.append(f"slice '{row['slice']}' is not a non-negative integer")
-    if "max_val" in TASK_COLUMNS[task]:
+    if "max_val" in row:  # required for mae2d; optional, but then in every row, elsewhere
         try:
-            row["max_val"] = float(row["max_val"])
-            if not np.isfinite(row["max_val"]) or row["max_val"] <= 0:
+            value = float(row["max_val"])
+            if not np.isfinite(value) or value <= 0:
                 raise ValueError
+            row["max_val"] = value
         except ValueError:
-            bad.append(f"max_val '{row['max_val']}' is not a positive number")
+            hint = "" if task == "mae2d" else (" (or leave the max_val column out: volumes "
+                                               "are then scaled by their percentiles)")
+            bad.append(f"max_val '{row['max_val']}' is not a positive number{hint}")
     for target in targets:
         if is_missing(row[target]):
             bad.append(f"target {target} is missing (NaN/empty)")

@@ -177,3 +177,27 @@ def test_val_and_test_may_share_folds_with_a_warning(demo: DemoPaths,
     assert "fold 3 is in both val_folds and test_folds" in caplog.text
     with pytest.raises(CohortError, match="fold 3 is in both train_folds and test_folds"):
         cohort.split({"train": [0, 1, 2, 3], "test": [3]})
+
+
+def test_max_val_is_optional_for_segmentation_but_checked_where_given(cohort_dir: Path) -> None:
+    df = pd.read_csv(cohort_dir / "segmentation.csv", dtype=str)
+    df.drop(columns="max_val").to_csv(cohort_dir / "no_max_val.csv", index=False)
+    cohort = read_cohort(cohort_dir / "no_max_val.csv", "segmentation")
+    assert len(cohort.records) == len(df) and "max_val" not in cohort.records[0]
+    # Given, every cell must be a positive number; the message says how to go without it.
+    df.loc[1, "max_val"] = ""
+    df.to_csv(cohort_dir / "empty_max_val.csv", index=False)
+    with pytest.raises(CohortError, match=r"line 3 .*max_val '' is not a positive number "
+                       r"\(or leave the max_val column out"):
+        read_cohort(cohort_dir / "empty_max_val.csv", "segmentation")
+    # A classification CSV with a max_val column is checked the same way.
+    cls = pd.read_csv(cohort_dir / "classification.csv", dtype=str)
+    cls["max_val"] = ["-1"] + ["100"] * (len(cls) - 1)
+    cls.to_csv(cohort_dir / "cls_max_val.csv", index=False)
+    with pytest.raises(CohortError, match=r"line 2 .*max_val '-1' is not a positive number"):
+        read_cohort(cohort_dir / "cls_max_val.csv", "classification")
+    # mae2d needs it: slices are scaled without reading their volume.
+    mae = pd.read_csv(cohort_dir / "mae2d.csv", dtype=str).drop(columns="max_val")
+    mae.to_csv(cohort_dir / "mae2d_no_max_val.csv", index=False)
+    with pytest.raises(CohortError, match=r"missing column\(s\) \['max_val'\]"):
+        read_cohort(cohort_dir / "mae2d_no_max_val.csv", "mae2d")
