@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +146,28 @@ class _Encoded(Dataset):
         return {**self.dataset[i], **self.extra[i]}
 
 
+def _check_spellings(rows: Sequence[Mapping], targets: Sequence[str], csv_path: Path) -> None:
+    """Refuse one class written two ways in the CSV ('1' and '1.0', 'Male' and 'male'): as
+    text they would be two classes, or a val/test value "never seen" in training."""
+    problems = []
+    for t in targets:
+        spellings: dict[object, dict[str, str]] = {}
+        for r in rows:
+            value = r[t]
+            if is_missing(value):
+                continue
+            try:
+                key: object = float(value)
+            except ValueError:
+                key = " ".join(value.split()).casefold()
+            spellings.setdefault(key, {}).setdefault(value, r["row"])
+        problems += [f"{t}: {', '.join(f'{v!r} ({row})' for v, row in found.items())} "
+                     "are one class written differently; write it one way"
+                     for found in spellings.values() if len(found) > 1]
+    if problems:
+        raise CohortError(f"{csv_path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+
+
 class ClassificationData(CohortDataModule):
     """The cohort data module plus target encoding from the training rows.
 
@@ -198,6 +221,7 @@ class ClassificationData(CohortDataModule):
             raise CohortError(f"{cohort.csv_path}: cls_targets {absent} are not columns of the "
                               f"CSV (columns: {[c for c in cohort.records[0] if c != 'row']})")
         train = cohort.select(self.splits.get("train"), "train_folds")
+        _check_spellings(cohort.records, self.cls_targets, cohort.csv_path)
         self.classes = self.given_classes or {
             t: category_order(r[t] for r in train if not is_missing(r[t]))
             for t in self.cls_targets}
@@ -247,6 +271,9 @@ class ClassificationData(CohortDataModule):
             log.info("label_fraction=%g: %d training rows (seed %d, stratified by %s)",
                      self.label_fraction, n, self.seed, self.cls_targets[0])
         for t in self.cls_targets:
+            counts = Counter(r[t] for r in self.train_rows if not is_missing(r[t]))
+            log.info("%s: %d classes from the training rows: %s", t, len(self.classes[t]),
+                     ", ".join(f"{c!r} ({counts[c]})" for c in self.classes[t]))
             empty = sum(is_missing(r[t]) for r in self.train_rows)
             if empty:
                 log.info("%s: %d of %d training rows have no value: they train the other "

@@ -269,6 +269,34 @@ def test_unseen_category_names_the_row(cls_cfg: DictConfig, demo) -> None:
         run(cls_cfg)
 
 
+def test_one_class_written_two_ways_is_an_error(cls_cfg: DictConfig, demo) -> None:
+    first = {}
+
+    def change(df: pd.DataFrame) -> None:  # the first training row's class, in lower case
+        i = df.index[df.fold.isin(["1", "2"])][0]
+        first.update(line=i + 2, pid=df.PatientID[i], value=df.P02SEX[i])
+        df.loc[i, "P02SEX"] = df.P02SEX[i].lower()
+
+    _set(cls_cfg, csv_path=str(_csv(demo, "spelling.csv", change)))
+    with pytest.raises(CohortError) as err:
+        run(cls_cfg)
+    assert (f"{first['value'].lower()!r} (spelling.csv line {first['line']} (PatientID "
+            f"{first['pid']}))") in str(err.value)
+    assert f"{first['value']!r} (spelling.csv line" in str(err.value)
+    assert "are one class written differently" in str(err.value)
+
+
+def test_training_classes_and_counts_are_logged(cls_cfg: DictConfig, demo, caplog) -> None:
+    _set(cls_cfg, n_epochs=1, experiment="counts", test_folds=[])
+    with caplog.at_level("INFO"):
+        run(cls_cfg)
+    df = pd.read_csv(demo.classification_csv, dtype=str)
+    train = df[df.fold.astype(int).isin(plain(cls_cfg.train_folds))]
+    counts = train.P02SEX.value_counts()
+    expected = ", ".join(f"{c!r} ({counts[c]})" for c in sorted(counts.index))
+    assert f"P02SEX: {len(counts)} classes from the training rows: {expected}" in caplog.text
+
+
 def test_empty_targets_train_the_other_target(cls_cfg: DictConfig, demo, caplog) -> None:
     def change(df: pd.DataFrame) -> None:
         df.loc[df.PatientID.isin(["DEMO001", "DEMO003"]), "P02SEX"] = ""
