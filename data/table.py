@@ -457,10 +457,12 @@ def check_volumes(cohort: Cohort, records: Sequence[dict] | None = None,
         got = {c: infos[_volume_key(r, c)] for c in cols}
         found = [f"{c}: {v}" for c, v in got.items() if isinstance(v, Exception)]
         img, seg = got.get("img_path"), got.get("seg_path")
-        if isinstance(img, VolumeInfo) and isinstance(seg, VolumeInfo) and not _same_grid(img, seg):
-            found.append(f"segmentation {r['seg_path']} (shape {seg.shape}, {seg.axcodes}) is "
-                         f"not on the grid of image {r['img_path']} (shape {img.shape}, "
-                         f"{img.axcodes})")
+        if isinstance(img, VolumeInfo) and isinstance(seg, VolumeInfo):
+            differs = _grid_difference(img, seg)
+            if differs:
+                found.append(f"segmentation {r['seg_path']} (shape {seg.shape}, {seg.axcodes}) "
+                             f"is not on the grid of image {r['img_path']} (shape {img.shape}, "
+                             f"{img.axcodes}): {differs}")
         vol = got.get("path")
         if "slice" in r and isinstance(vol, VolumeInfo) and r["slice"] >= vol.original_shape[2]:
             found.append(f"slice {r['slice']} is outside {r['path']} "
@@ -470,15 +472,34 @@ def check_volumes(cohort: Cohort, records: Sequence[dict] | None = None,
     return VolumeReport(infos, problems)
 
 
-def _same_grid(a: VolumeInfo, b: VolumeInfo, atol_mm: float = 1e-2) -> bool:
-    """Whether two volumes lie on one grid once both are in RAS order, as they are loaded.
+def _grid_difference(a: VolumeInfo, b: VolumeInfo, atol_mm: float = 1e-2) -> str | None:
+    """How the grid of ``b`` differs from that of ``a`` once both are in RAS order, as they
+    are loaded, or None when they are one grid.
 
     Stored affines may differ for the same grid (an LAS label map of an LPS DICOM series),
     so shapes and affines are compared after reorientation to the closest RAS layout.
     """
     shape_a, affine_a = canonical_layout(a.original_shape, a.affine)
     shape_b, affine_b = canonical_layout(b.original_shape, b.affine)
-    return shape_a == shape_b and np.allclose(affine_a, affine_b, atol=atol_mm)
+    if shape_a != shape_b:
+        return f"{shape_b} voxels against {shape_a} in RAS order"
+    if np.allclose(affine_a, affine_b, atol=atol_mm):
+        return None
+    spacing_a = np.linalg.norm(affine_a[:3, :3], axis=0)
+    spacing_b = np.linalg.norm(affine_b[:3, :3], axis=0)
+    parts = []
+    if not np.allclose(spacing_a, spacing_b, atol=atol_mm):
+        parts.append(f"voxel size {_mm(spacing_b)} mm against {_mm(spacing_a)} mm")
+    elif not np.allclose(affine_a[:3, :3], affine_b[:3, :3], atol=atol_mm):
+        parts.append("the axes point in other directions (rotated or sheared grid)")
+    shift = affine_b[:3, 3] - affine_a[:3, 3]
+    if not np.allclose(shift, 0, atol=atol_mm):
+        parts.append(f"origin shifted by {_mm(shift)} mm")
+    return "; ".join(parts)
+
+
+def _mm(values: np.ndarray) -> str:
+    return "(" + ", ".join(f"{v:.3g}" for v in values) + ")"
 
 
 def screen_volumes(cohort: Cohort, records: Sequence[dict] | None = None,

@@ -132,7 +132,8 @@ def test_segmentation_on_another_grid(demo: DemoPaths) -> None:
     csv = _edit_csv(demo.segmentation_csv, demo.root / "grid.csv",
                     rows={0: {"seg_path": "nifti/cropped_label.nii.gz"}})
     with pytest.raises(CohortError, match=r"line 2 \(PatientID DEMO001\): segmentation .*"
-                                          "cropped_label.nii.gz .*not on the grid of image"):
+                                          "cropped_label.nii.gz .*not on the grid of image"
+                                          r".*: \(\d+, \d+, \d+\) voxels against"):
         make_datasets(csv, "segmentation", {"train": "train"}, SMALL)
     # Without the header check, loading the row fails with the same names.
     datasets, _ = make_datasets(csv, "segmentation", {"train": "train"}, SMALL, validate=False)

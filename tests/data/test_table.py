@@ -201,3 +201,34 @@ def test_max_val_is_optional_for_segmentation_but_checked_where_given(cohort_dir
     mae.to_csv(cohort_dir / "mae2d_no_max_val.csv", index=False)
     with pytest.raises(CohortError, match=r"missing column\(s\) \['max_val'\]"):
         read_cohort(cohort_dir / "mae2d_no_max_val.csv", "mae2d")
+
+
+def test_grid_difference_says_what_differs(tmp_path: Path) -> None:
+    from medssl.data.io import read_volume_info
+    from medssl.data.table import _grid_difference
+
+    def info(name: str, affine: np.ndarray, shape: tuple[int, ...] = (4, 5, 6)):
+        nib.save(nib.Nifti1Image(np.zeros(shape, np.float32), affine), tmp_path / name)
+        return read_volume_info(str(tmp_path / name))
+
+    base = np.diag([1.0, 1.0, 2.0, 1.0])
+    image = info("image.nii.gz", base)
+    assert _grid_difference(image, info("same.nii.gz", base)) is None
+    # The same grid stored left-right flipped (LAS) is one grid once loaded in RAS order.
+    las = base.copy()
+    las[0, 0], las[0, 3] = -1.0, 3.0
+    assert _grid_difference(image, info("las.nii.gz", las)) is None
+    finer = np.diag([0.5, 1.0, 2.0, 1.0])
+    assert _grid_difference(image, info("finer.nii.gz", finer)) == (
+        "voxel size (0.5, 1, 2) mm against (1, 1, 2) mm")
+    rotated = base.copy()  # 20 degrees about the last axis: not a relabelling of axes
+    c, s_ = np.cos(np.radians(20)), np.sin(np.radians(20))
+    rotated[:2, :2] = [[c, -s_], [s_, c]]
+    assert _grid_difference(image, info("rot.nii.gz", rotated)) == (
+        "the axes point in other directions (rotated or sheared grid)")
+    shifted = base.copy()
+    shifted[:3, 3] = [0.0, -2.5, 4.0]
+    assert _grid_difference(image, info("shifted.nii.gz", shifted)) == (
+        "origin shifted by (0, -2.5, 4) mm")
+    assert _grid_difference(image, info("small.nii.gz", base, (4, 5, 5))) == (
+        "(4, 5, 5) voxels against (4, 5, 6) in RAS order")
