@@ -149,6 +149,13 @@ def overlay_grid(image: Tensor, label: Tensor, pred: Tensor, num_classes: int, a
     return make_grid(tiles, nrow=3, padding=2)
 
 
+def _plain(x: Tensor) -> Tensor:
+    """A MONAI MetaTensor as a plain tensor: logged values become the checkpoint callback's
+    scores, and a MetaTensor there keeps ``torch.load(weights_only=True)`` from reading the
+    checkpoint without MONAI imported."""
+    return x.as_subclass(Tensor)
+
+
 class SegmentationModule(L.LightningModule):
     """Encoder-decoder segmentation with sliding-window evaluation on whole volumes.
 
@@ -258,7 +265,7 @@ class SegmentationModule(L.LightningModule):
         lr, encoder_lr = self._learning_rates()
         for group in self.optimizers().optimizer.param_groups:
             group["lr"] = encoder_lr if group["encoder"] else lr
-        loss = self.criterion(self(batch["image"]), batch["label"])
+        loss = _plain(self.criterion(self(batch["image"]), batch["label"]))
         bs = batch["image"].shape[0]
         self.log_dict({"train/loss": loss, "train/lr": lr, "train/encoder_lr": encoder_lr},
                       batch_size=bs, sync_dist=True)
@@ -287,10 +294,11 @@ class SegmentationModule(L.LightningModule):
     def _evaluate(self, batch: dict, stage: str) -> tuple[Tensor, dict[str, Tensor]]:
         logits, pred = self._predict(batch)
         label = batch["label"]
-        loss = self.criterion(logits, label)
+        loss = _plain(self.criterion(logits, label))
         self.log(f"{stage}/loss", loss, batch_size=label.shape[0], sync_dist=True)
         metrics = case_metrics(pred, label, self.hparams.num_classes,
                                self._spacing(batch, pred.ndim - 1), self.hparams.hd95)
+        metrics = {key: _plain(value) for key, value in metrics.items()}
         for key, value in metrics.items():
             self._cases.setdefault(key, []).append(value.float())
         return pred, metrics

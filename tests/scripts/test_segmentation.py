@@ -226,6 +226,10 @@ def test_resume_continues_from_last_checkpoint(seg_cfg: DictConfig) -> None:
     last = Path(seg_cfg.results_dir) / "resume" / "checkpoints" / "last.ckpt"
     first = torch.load(last, map_location="cpu", weights_only=True)
     assert first["epoch"] == 0 and first["global_step"] == 2
+    # Readable by plain torch too, without MONAI imported (no MetaTensor scores inside).
+    subprocess.run([sys.executable, "-c", "import sys, torch; torch.load(sys.argv[1], "
+                    "weights_only=True); assert 'monai' not in sys.modules", str(last)],
+                   check=True)
     trainer = run(_set(seg_cfg, n_epochs=2))  # the same command with more epochs resumes
     second = torch.load(last, map_location="cpu", weights_only=True)
     assert second["epoch"] == 1 and second["global_step"] == 4
