@@ -15,7 +15,7 @@ mae2d            PatientID, path, slice, fold, max_val
 ===============  ===============================================
 
 A ``max_val`` column (required for ``mae2d``, optional elsewhere) scales each row by
-x / max_val instead of by percentiles; where present, every cell must be a positive number.
+x / max_val instead of by percentiles; an empty cell (not for ``mae2d``) keeps percentiles.
 
 Fold values are integers (``0``..``4`` for cross-validation) or the names ``train``,
 ``val``, ``test`` (MedMNIST style), in any task. ``path``/``img_path``/``seg_path`` are a
@@ -395,15 +395,16 @@ def _check_row(row: dict, task: str, targets: Sequence[str], base: Path) -> list
                 raise ValueError
         except ValueError:
             bad.append(f"slice '{row['slice']}' is not a non-negative integer")
-    if "max_val" in row:  # required for mae2d; optional, but then in every row, elsewhere
+    # max_val: required for mae2d; elsewhere optional, and an empty cell means percentiles.
+    if "max_val" in row and (task == "mae2d" or not is_missing(row["max_val"])):
         try:
             value = float(row["max_val"])
             if not np.isfinite(value) or value <= 0:
                 raise ValueError
             row["max_val"] = value
         except ValueError:
-            hint = "" if task == "mae2d" else (" (or leave the max_val column out: volumes "
-                                               "are then scaled by their percentiles)")
+            hint = "" if task == "mae2d" else (" (or leave the cell empty: the volume is "
+                                               "then scaled by its percentiles)")
             bad.append(f"max_val '{row['max_val']}' is not a positive number{hint}")
     for target in targets:
         if is_missing(row[target]):

@@ -184,12 +184,13 @@ def test_max_val_is_optional_for_segmentation_but_checked_where_given(cohort_dir
     df.drop(columns="max_val").to_csv(cohort_dir / "no_max_val.csv", index=False)
     cohort = read_cohort(cohort_dir / "no_max_val.csv", "segmentation")
     assert len(cohort.records) == len(df) and "max_val" not in cohort.records[0]
-    # Given, every cell must be a positive number; the message says how to go without it.
+    # An empty cell scales that row by percentiles; a value must be a positive number.
     df.loc[1, "max_val"] = ""
-    df.to_csv(cohort_dir / "empty_max_val.csv", index=False)
-    with pytest.raises(CohortError, match=r"line 3 .*max_val '' is not a positive number "
-                       r"\(or leave the max_val column out"):
-        read_cohort(cohort_dir / "empty_max_val.csv", "segmentation")
+    df.loc[2, "max_val"] = "0"
+    df.to_csv(cohort_dir / "bad_max_val.csv", index=False)
+    with pytest.raises(CohortError, match=r"1 problem\(s\):\n.*line 4 .*max_val '0' is not a "
+                       r"positive number \(or leave the cell empty"):
+        read_cohort(cohort_dir / "bad_max_val.csv", "segmentation")
     # A classification CSV with a max_val column is checked the same way.
     cls = pd.read_csv(cohort_dir / "classification.csv", dtype=str)
     cls["max_val"] = ["-1"] + ["100"] * (len(cls) - 1)
