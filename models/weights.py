@@ -471,7 +471,8 @@ def load_segmenter_weights(
         ValueError: no key matched or ``strict`` was violated; then nothing is loaded.
     """
     model = _unwrap_model(segmenter)
-    ckpt, source = _read_source(path_or_state_dict)
+    # The encoder's config against the file's: same weights, other computation is an error.
+    ckpt, source = _read_source(path_or_state_dict, getattr(model, "encoder", None))
     target = model.state_dict()
     is_skipped = _skipper(skip)
     parts = []
@@ -551,3 +552,43 @@ def load_backbone(path: str | Path, **overrides: Any) -> tuple[nn.Module, LoadRe
     report = load_weights(backbone, state_dict, prefixes=prefixes, strict=True)
     report.source = f"{kind} file {str(path)!r}"
     return backbone, report
+
+
+def _plain_json(value: Any) -> Any:
+    return json.loads(json.dumps(value))  # tuples -> lists, as stored in files
+
+
+def check_backbone_config(what: str, stored: Mapping, configured: Mapping) -> None:
+    """Raise a ValueError naming the backbone keys in which ``stored`` (a file's config)
+    differs from ``configured``, when the difference changes the network's parameters.
+
+    Keys that change no parameter (dropout, gradient checkpointing) may differ: the two
+    networks are built and their parameter names and shapes compared (only when some key
+    differs).
+    """
+    stored, configured = _plain_json(dict(stored)), _plain_json(dict(configured))
+    check_behaviour(stored, configured, what)
+    differ = sorted(k for k in stored if stored[k] != configured.get(k))
+    if not differ:
+        return
+    try:
+        shapes = [{k: v.shape for k, v in build_backbone(**c).state_dict().items()}
+                  for c in (stored, configured)]
+        same = shapes[0] == shapes[1]
+    except (TypeError, ValueError):
+        same = False
+    listed = "; ".join(f"backbone.{k}: {stored.get(k)!r} in the file, {configured.get(k)!r} "
+                       "configured" for k in differ)
+    if same:
+        log.info("%s: backbone settings differ without changing parameters (%s)", what, listed)
+        return
+    if stored.get("name") != configured.get("name"):  # another backbone group altogether
+        fix = f"backbone={stored.get('name')}" + "".join(
+            f" backbone.{k}={json.dumps(stored[k]).replace(' ', '')}" for k in differ
+            if k != "name" and k in stored)
+    else:
+        fix = " ".join(f"backbone.{k}={json.dumps(stored[k]).replace(' ', '')}"
+                       for k in differ if k in stored)
+    raise ValueError(f"{what} holds a backbone built with other settings: {listed}. Configure "
+                     f"the file's backbone, e.g. `{fix}` (a ViT interpolates its position "
+                     "embeddings, so resize_to may still differ from img_size)")

@@ -30,14 +30,13 @@ from torch.utils.data import Dataset
 from medssl.data.datamodule import CohortDataModule
 from medssl.data.pipeline import IMAGE, Preprocessing
 from medssl.data.table import Cohort, CohortError, category_order, is_missing
-from medssl.models.backbones import build_backbone
 from medssl.models.classifier import Classifier
 from medssl.models.metrics import classification_report
 from medssl.models.weights import (
     RESAVE_HINT,
     TRUST_HINT,
     LoadReport,
-    check_behaviour,
+    check_backbone_config,
     load_file,
     stored_config,
 )
@@ -320,37 +319,6 @@ def _plain_json(value: Any) -> Any:
     return json.loads(json.dumps(value))  # tuples -> lists, as stored in files
 
 
-def check_backbone_config(what: str, stored: Mapping, configured: Mapping) -> None:
-    """Raise a ValueError naming the backbone keys in which ``stored`` (a file's config)
-    differs from ``configured``, when the difference changes the network's parameters.
-
-    Keys that change no parameter (dropout, gradient checkpointing) may differ: the two
-    networks are built and their parameter names and shapes compared (only when some key
-    differs).
-    """
-    stored, configured = _plain_json(dict(stored)), _plain_json(dict(configured))
-    check_behaviour(stored, configured, what)
-    differ = sorted(k for k in stored if stored[k] != configured.get(k))
-    if not differ:
-        return
-    try:
-        shapes = [{k: v.shape for k, v in build_backbone(**c).state_dict().items()}
-                  for c in (stored, configured)]
-        same = shapes[0] == shapes[1]
-    except (TypeError, ValueError):
-        same = False
-    listed = "; ".join(f"backbone.{k}: {stored.get(k)!r} in the file, {configured.get(k)!r} "
-                       "configured" for k in differ)
-    if same:
-        log.info("%s: backbone settings differ without changing parameters (%s)", what, listed)
-        return
-    fix = " ".join(f"backbone.{k}={json.dumps(stored[k]).replace(' ', '')}" for k in differ
-                   if k in stored)
-    raise ValueError(f"{what} holds a backbone built with other settings: {listed}. Configure "
-                     f"the file's backbone, e.g. `{fix}` (a ViT interpolates its position "
-                     "embeddings, so resize_to may still differ from img_size)")
-
-
 # Backbone learning rate / head learning rate when fine-tuning pretrained weights and
 # `backbone_lr_scale: null`. DINO on AdrenalMNIST3D, 100% labels, 10 seeds: 0.03 beat 0.1 on
 # 9 of them (bench/results/classification.md).
@@ -433,6 +401,11 @@ class ClassificationTask(Task):
     def _check_checkpoint(path: str | Path, hparams: Mapping, module: Classifier) -> None:
         """A checkpoint to resume or test (its ``hparams``) must match the configured
         backbone and classes."""
+        if "classes" not in hparams:
+            raise ValueError(f"{path} is not a classification checkpoint of ours (no class "
+                             "encoding in its hyper_parameters); to start from another "
+                             "script's weights use dino_weights=, mae_weights= or "
+                             "suprem_weights=")
         stored = stored_config({"hyper_parameters": hparams})
         if stored is not None:
             check_backbone_config(str(path), stored, module.backbone.config)

@@ -26,7 +26,15 @@ from torch import nn
 
 from medssl.data.table import write_bad_rows
 from medssl.models.batchnorm import PreciseBatchNorm
-from medssl.models.weights import RESAVE_HINT, TRUST_HINT, LoadReport, load_file, load_weights
+from medssl.models.weights import (
+    RESAVE_HINT,
+    TRUST_HINT,
+    LoadReport,
+    check_backbone_config,
+    load_file,
+    load_weights,
+    stored_config,
+)
 from medssl.run.checkpoints import checkpoint_callbacks
 from medssl.run.config import WEIGHT_SOURCES, plain
 from medssl.run.guards import FiniteLossCheck
@@ -117,6 +125,38 @@ def check_loadable(path: Path, trust: bool, pretrained: bool = False) -> int:
     checkpoint = load_file(path, trust and not pretrained, mmap=True,
                            unsafe_hint=RESAVE_HINT if pretrained else TRUST_HINT)
     return int(checkpoint.get("global_step", 0)) if isinstance(checkpoint, dict) else 0
+
+
+def check_fits(path: Path, key: str, task: Task, module: L.LightningModule,
+               trust: bool) -> None:
+    """A checkpoint to resume or test must be one of this script's runs with this
+    configuration: its backbone settings and its parameter names and shapes are compared
+    with the built module, so a mismatch is a short error instead of Lightning's list of
+    every key."""
+    ckpt = load_file(path, trust, mmap=True, unsafe_hint=TRUST_HINT)
+    what = f"{key}={path}"
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict)
+            and "pytorch-lightning_version" in ckpt):
+        raise ValueError(f"{what} is not a checkpoint of a run (a .ckpt in a run's "
+                         "checkpoints/ folder); to start from exported weights use "
+                         "dino_weights=, mae_weights= or suprem_weights=")
+    backbone = attrgetter(task.export_attr)(module) if task.export_attr else None
+    stored = stored_config(ckpt)
+    if stored is not None and isinstance(getattr(backbone, "config", None), dict):
+        check_backbone_config(what, stored, backbone.config)
+    theirs = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items()}
+    ours = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing = sorted(set(ours) - set(theirs))
+    unexpected = sorted(set(theirs) - set(ours))
+    mismatched = [f"{k} {theirs[k]} in the file, {ours[k]} here" for k in sorted(ours)
+                  if k in theirs and theirs[k] != ours[k]]
+    if not (missing or unexpected or mismatched):
+        return
+    parts = [f"{len(found)} {name} (e.g. {', '.join(found[:3])})" for name, found in
+             (("keys of this model missing", missing), ("keys this model lacks", unexpected),
+              ("shape mismatches", mismatched)) if found]
+    raise ValueError(f"{what} does not fit this {task.name} run: {'; '.join(parts)}. Is it a "
+                     "checkpoint of another script, or of a run with other settings?")
 
 
 def resume_checkpoint(cfg: DictConfig, source: WeightSource | None) -> Path | None:
@@ -357,6 +397,13 @@ def run(cfg: DictConfig) -> L.Trainer:
         predict.layout = layout
         predict.setup("predict")
     module = task.build_module(cfg, data)
+    checkpoint = resume or (source.path if source is not None and source.key == "test_ckpt"
+                            else None)
+    if checkpoint is not None:
+        key = ("test_ckpt" if resume is None else "resume_training_from"
+               if source is not None and source.key == "resume_training_from"
+               else "resuming this experiment from")
+        check_fits(checkpoint, key, task, module, cfg.trust_checkpoint)
     if source is not None and source.pretrained and resume is None:
         report = task.load_pretrained(module, source)
         (log.info if report.complete else log.warning)("%s: %s", source.key, report)

@@ -131,6 +131,11 @@ def test_pretraining_export_loads_into_the_encoder(tmp_path, backbone_config, in
     full = load_segmenter_weights(build_segmenter(stored, num_classes=2), path)
     assert sorted(full.loaded) == sorted("encoder." + k for k in report.loaded)
     assert full.missing and all(k.startswith("decoder.") for k in full.missing)
+    if backbone_config["name"] == "vit":  # a network that would compute something else
+        other = dict(stored, input_norm="none" if stored.get("input_norm") == "instance"
+                     else "instance")
+        with pytest.raises(ValueError, match="input_norm"):
+            load_segmenter_weights(build_segmenter(other, num_classes=2), path)
 
 
 def test_encoder_loader_takes_the_teacher_of_a_lightning_checkpoint(tmp_path):

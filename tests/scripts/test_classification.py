@@ -20,9 +20,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from medssl.data.demo import generate
 from medssl.data.table import CohortError
 from medssl.models.backbones import UNet3DEncoder, build_backbone
-from medssl.models.weights import save_backbone
+from medssl.models.weights import check_backbone_config, save_backbone
 from medssl.run import run
-from medssl.run.classification import check_backbone_config, class_shares, label_subset
+from medssl.run.classification import class_shares, label_subset
 from medssl.run.config import plain
 from tests.conftest import REPO, TINY, compose
 
@@ -257,6 +257,20 @@ def test_wrong_weight_files_fail_clearly(cls_cfg: DictConfig, tmp_path: Path) ->
         run(cls_cfg)
 
 
+def test_resume_from_another_scripts_checkpoint_says_so(cls_cfg: DictConfig,
+                                                         tmp_path: Path) -> None:
+    """A DINO or segmentation checkpoint has no class encoding: say that, not a hint about
+    pooling or feature_norm."""
+    other = tmp_path / "dino.ckpt"
+    torch.save({"state_dict": {"teacher_backbone.w": torch.zeros(1)}, "global_step": 3,
+                "pytorch-lightning_version": "2.6.6",
+                "hyper_parameters": {"backbone_config": plain(cls_cfg.backbone)}}, other)
+    _set(cls_cfg, resume_training_from=str(other))
+    with pytest.raises(ValueError, match=r"dino.ckpt is not a classification checkpoint of "
+                       r"ours \(no class encoding.*use dino_weights="):
+        run(cls_cfg)
+
+
 def test_unseen_category_names_the_row(cls_cfg: DictConfig, demo) -> None:
     def change(df: pd.DataFrame) -> None:
         df.loc[df.PatientID == "DEMO004", "V00COHORT"] = "2: Incidence"
@@ -431,6 +445,9 @@ def test_backbone_settings_without_parameters_may_differ(caplog) -> None:
     with pytest.raises(ValueError, match="trained with backbone.input_norm=none, but this "
                                          "network has backbone.input_norm=instance"):
         check_backbone_config("export.pt", vit, dict(vit, input_norm="instance"))
+    # Another backbone altogether: the advice picks the config group, not backbone.name=.
+    with pytest.raises(ValueError, match=r"e.g. `backbone=vit backbone\."):
+        check_backbone_config("export.pt", vit, {"name": "unet3d", "spatial_dims": 3})
 
 
 def test_patience_stops_early(cls_cfg: DictConfig) -> None:

@@ -308,6 +308,37 @@ def _reoriented_cohort(demo: DemoPaths, root: Path) -> Path:
     return _csv(root / "segmentation.csv", "PatientID,img_path,seg_path,fold,max_val", rows)
 
 
+def test_checkpoints_that_do_not_fit_fail_in_one_line(seg_cfg: DictConfig, trained: Path,
+                                                      tmp_path: Path) -> None:
+    """test_ckpt / resume_training_from with other settings, another script's checkpoint or
+    an export: a short error before anything runs, not Lightning's list of every key."""
+    _set(seg_cfg, experiment="misfit", test_ckpt=str(trained))
+    seg_cfg.backbone.hidden_size, seg_cfg.backbone.mlp_dim = 64, 128
+    with pytest.raises(ValueError, match=r"holds a backbone built with other settings: "
+                       r"backbone.hidden_size: 32 in the file, 64 configured"):
+        run(seg_cfg)
+    seg_cfg.backbone.hidden_size, seg_cfg.backbone.mlp_dim = 32, 64
+    seg_cfg.backbone.input_norm = "none"
+    with pytest.raises(ValueError, match="input_norm"):  # the same weights would compute
+        run(seg_cfg)                                     # something else: not silent
+    seg_cfg.backbone.input_norm = "instance"
+    # A checkpoint of the same backbone with another head: every decoder key is named.
+    other = tmp_path / "other.ckpt"
+    ckpt = torch.load(trained, weights_only=True)
+    ckpt["state_dict"] = {k.replace("network.decoder.", "head."): v
+                          for k, v in ckpt["state_dict"].items()}
+    torch.save(ckpt, other)
+    _set(seg_cfg, test_ckpt=None, resume_training_from=str(other))
+    with pytest.raises(ValueError, match=r"resume_training_from=.*other.ckpt does not fit this "
+                       r"segmentation run: \d+ keys of this model missing \(e.g. "
+                       r"network.decoder.*; \d+ keys this model lacks \(e.g. head\."):
+        run(seg_cfg)
+    export = trained.with_suffix(".backbone.pt")
+    _set(seg_cfg, resume_training_from=str(export))
+    with pytest.raises(ValueError, match="is not a checkpoint of a run .* use dino_weights="):
+        run(seg_cfg)
+
+
 @pytest.mark.parametrize("resize_to", [None, [8, 16, 16]], ids=["native", "resized"])
 def test_test_mode_writes_predictions_on_each_input_grid(
         demo: DemoPaths, seg_cfg: DictConfig, trained: Path, tmp_path: Path,
