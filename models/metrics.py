@@ -147,10 +147,12 @@ def classification_report(out_dir: str | Path, ids: Sequence[str],
                           labels: Mapping[str, np.ndarray], probs: Mapping[str, np.ndarray],
                           classes: Mapping[str, Sequence[str]], n_resamples: int = 1000,
                           seed: int = 0, extra: Mapping | None = None,
+                          rows: Sequence[str] | None = None,
                           ) -> tuple[dict, dict[str, Figure]]:
     """Write ``predictions.csv``, ``metrics.json`` and the figures (PNG) into ``out_dir``.
 
-    ``predictions.csv`` has one row per subject: ``PatientID``, then per target
+    ``predictions.csv`` has one row per test row: ``PatientID``, ``row`` (where it is in the
+    CSV, when given: one patient may have several rows, e.g. two knees), then per target
     ``<target>`` (the true category, empty when the row has none), ``<target>_prob_<class>``
     for every class in encoding order, and ``<target>_pred``.
 
@@ -162,6 +164,7 @@ def classification_report(out_dir: str | Path, ids: Sequence[str],
         classes: target -> category names in encoding order.
         n_resamples, seed: bootstrap settings of the AUC intervals.
         extra: more entries for ``metrics.json`` (e.g. the label fraction).
+        rows: (N,) the CSV row of each prediction (file and line), written after PatientID.
 
     Returns:
         (metrics as written to metrics.json, figures by name).
@@ -169,6 +172,8 @@ def classification_report(out_dir: str | Path, ids: Sequence[str],
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table: dict[str, object] = {"PatientID": list(ids)}
+    if rows is not None:
+        table["row"] = list(rows)
     per_target, figures = {}, {}
     for target, names in classes.items():
         y, p = np.asarray(labels[target]), np.asarray(probs[target])

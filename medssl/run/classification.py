@@ -481,7 +481,7 @@ class ClassificationReport(L.Callback):
         report, figures = classification_report(
             self.out_dir, [records[i]["PatientID"] for i in results["index"]],
             results["labels"], results["probs"], module.hparams.classes, self.n_resamples,
-            self.seed, extra)
+            self.seed, extra, rows=[records[i]["row"] for i in results["index"]])
         for logger in trainer.loggers:
             if hasattr(getattr(logger, "experiment", None), "add_figure"):
                 for name, fig in figures.items():

@@ -96,6 +96,11 @@ def test_fit_then_test_writes_the_report(cls_cfg: DictConfig, demo) -> None:
     csv = pd.read_csv(demo.classification_csv, dtype=str)
     test = csv[csv.fold == "0"]
     assert sorted(predictions.PatientID) == sorted(test.PatientID)
+    # Each prediction names its CSV row (a patient may have several rows, e.g. two knees).
+    lines = {pid: i + 2 for i, pid in enumerate(csv.PatientID)}
+    name = Path(demo.classification_csv).name
+    assert predictions.row.tolist() == [f"{name} line {lines[p]} (PatientID {p})"
+                                        for p in predictions.PatientID]
     for target, classes in trainer.lightning_module.hparams.classes.items():
         probs = predictions[[f"{target}_prob_{c}" for c in classes]].astype(float)
         assert probs.sum(axis=1).tolist() == pytest.approx([1.0] * len(test))
