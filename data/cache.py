@@ -32,7 +32,7 @@ from monai.utils import look_up_option
 from medssl.data.dicom import DicomError
 from medssl.data.geometry import GEOMETRY
 from medssl.data.io import VolumeError, VolumeInfo, read_volume_info
-from medssl.data.table import is_missing
+from medssl.data.table import MAX_REPORTED, is_missing
 from medssl.data.transforms import SLICE, SLICE_AXIS
 
 if TYPE_CHECKING:
@@ -90,6 +90,18 @@ def _data_error(exc: BaseException) -> BaseException | None:
             return exc
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def _raise_all(errors: Sequence[BaseException]) -> None:
+    """Raise the one data error, or all of them in one message (each names its row and
+    file)."""
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        shown = [str(e) for e in errors[:MAX_REPORTED]]
+        more = len(errors) - len(shown)
+        raise VolumeError(f"{len(errors)} volumes cannot be used:\n  " + "\n  ".join(shown)
+                          + (f"\n  ... and {more} more" if more else ""))
 
 
 class _ClearErrors:
@@ -249,13 +261,27 @@ class MemoryCache:
         if new:
             self.check_fits(list(new.values()), len(records), infos)
             todo = list(new.items())
+            errors: list[VolumeError | DicomError] = []
             with ThreadPoolExecutor(max_workers=self.workers) as pool:
                 for start in range(0, len(todo), TRIM_EVERY):
                     chunk = todo[start:start + TRIM_EVERY]
-                    done = pool.map(self._preprocess, [record for _, record in chunk])
-                    self.entries.update(zip([key for key, _ in chunk], done, strict=True))
+                    done = pool.map(self._preprocess_or_error, [record for _, record in chunk])
+                    for (key, _), entry in zip(chunk, done, strict=True):
+                        if isinstance(entry, VolumeError | DicomError):
+                            errors.append(entry)
+                        else:
+                            self.entries[key] = entry
                     _trim_heap()
+            _raise_all(errors)
         return keys
+
+    def _preprocess_or_error(self, record: dict) -> dict | VolumeError | DicomError:
+        """The entry, or the data error naming its row and file (every bad volume is then
+        reported at once, not one per run)."""
+        try:
+            return self._preprocess(record)
+        except (VolumeError, DicomError) as exc:
+            return exc
 
     def _preprocess(self, record: dict) -> dict:
         try:

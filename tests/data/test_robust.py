@@ -27,6 +27,7 @@ from medssl.data.io import (
     read_volume_info,
     to_canonical,
 )
+from medssl.data.pipeline import Preprocessing, make_datasets
 
 FAKE_NAME, FAKE_BIRTH = "Doe^Jane", "19700101"
 
@@ -276,3 +277,27 @@ def test_fast_native_pixels_equal_pydicom(series: Path, bits: int, stored: int,
     assert not np.array_equal(expected, values) or stored == bits  # junk bits were corrected
     header = read_header(str(path), pixels=True)
     np.testing.assert_array_equal(native_pixels(header.dataset, header), expected)
+
+
+def test_every_bad_volume_is_reported_at_once_by_the_memory_cache(tmp_path: Path) -> None:
+    """A NaN volume, a constant one and a truncated file in one cohort: one error names all
+    three rows, instead of one per run."""
+    good = np.random.default_rng(0).random((8, 9, 10)).astype(np.float32)
+    nan = good.copy()
+    nan[1, 1, 1] = np.nan
+    paths = {"P1": _nifti(tmp_path / "good.nii.gz", good),
+             "P2": _nifti(tmp_path / "nan.nii.gz", nan),
+             "P3": _nifti(tmp_path / "const.nii.gz", np.full((8, 9, 10), 3, np.float32))}
+    truncated = tmp_path / "cut.nii.gz"
+    truncated.write_bytes(paths["P1"].read_bytes()[:-200])
+    paths["P4"] = truncated
+    csv = tmp_path / "c.csv"
+    csv.write_text("PatientID,path,fold\n" + "".join(f"{p},{f.name},0\n" for p, f in paths.items()))
+    with pytest.raises(VolumeError) as err:
+        make_datasets(csv, "ssl", {"train": 0}, Preprocessing(), cache="memory")
+    message = str(err.value)
+    assert message.startswith("3 volumes cannot be used")
+    for line, pid, problem in ((3, "P2", "non-finite"), (4, "P3", "constant volume"),
+                               (5, "P4", "cannot read")):
+        assert re.search(rf"c.csv line {line} \(PatientID {pid}\): .*{problem}", message), pid
+    assert "P1" not in message
