@@ -322,12 +322,18 @@ def read_cohort(
 
     problems: dict[int, list[str]] = {}
     records, lines = [], {}
+    first_seen: dict[tuple, int] = {}  # a row's cells -> the line they first appeared on
     for i, raw in enumerate(df.to_dict("records")):
         row = {k: str(v).strip() for k, v in raw.items()}
         where = f"{csv_path.name} line {i + 2} (PatientID {row['PatientID'] or '?'})"
+        cells = tuple(row.values())
         row["row"] = where
         lines[where] = i + 2
         problems[i] = _check_row(row, task, targets, csv_path.parent)
+        if cells in first_seen:
+            problems[i].append(f"identical to line {first_seen[cells]}: the same row would "
+                               "count twice; remove one")
+        first_seen.setdefault(cells, i + 2)
         records.append(row)
     _check_folds(records, problems)
 

@@ -233,3 +233,15 @@ def test_grid_difference_says_what_differs(tmp_path: Path) -> None:
         "origin shifted by (0, -2.5, 4) mm")
     assert _grid_difference(image, info("small.nii.gz", base, (4, 5, 5))) == (
         "(4, 5, 5) voxels against (4, 5, 6) in RAS order")
+
+
+def test_an_identical_row_is_an_error_naming_both_lines(cohort_dir: Path) -> None:
+    df = pd.read_csv(cohort_dir / "ssl.csv", dtype=str)
+    pd.concat([df, df.iloc[[1]]]).to_csv(cohort_dir / "dup.csv", index=False)
+    with pytest.raises(CohortError, match=rf"1 problem\(s\):\n  dup.csv line {len(df) + 2} "
+                       rf"\(PatientID {df.PatientID[1]}\): identical to line 3"):
+        read_cohort(cohort_dir / "dup.csv", "ssl")
+    # The same patient with another volume (e.g. the other knee) is not a duplicate.
+    other = df.iloc[[1]].assign(path=df.path[2])
+    pd.concat([df, other]).to_csv(cohort_dir / "two_volumes.csv", index=False)
+    assert len(read_cohort(cohort_dir / "two_volumes.csv", "ssl").records) == len(df) + 1
