@@ -182,9 +182,12 @@ def _extract(obj: Any, path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
         if _is_state_dict(sd) and sd:
             return dict(sd), kind
     keys = list(obj)[:_MAX_LISTED] if isinstance(obj, Mapping) else type(obj).__name__
+    others = [f"{k} ({type(v).__name__})" for k, v in obj.items()
+              if not isinstance(v, torch.Tensor | Mapping)] if isinstance(obj, Mapping) else []
     raise ValueError(
         f"{path} holds no recognisable state dict (expected a name->tensor dict, optionally under "
-        f"'state_dict', 'model' or 'net'); top level: {keys}."
+        f"'state_dict', 'model' or 'net'); top level: {keys}"
+        + (f"; not tensors: {others[:_MAX_LISTED]}" if others else "") + "."
     )
 
 

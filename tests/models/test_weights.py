@@ -201,3 +201,15 @@ def test_input_norm_standardises_each_input_and_must_match_the_file(tmp_path):
         load_weights(ViTBackbone(**TINY_VIT, input_norm="instance"), path)
     with pytest.raises(ValueError, match="input_norm must be one of"):
         ViTBackbone(**TINY_VIT, input_norm="batch")
+
+
+def test_a_file_without_a_state_dict_names_what_it_holds(tmp_path):
+    path = tmp_path / "mixed.pt"
+    torch.save({"w": torch.zeros(2), "epoch": 3, "note": "x"}, path)
+    with pytest.raises(ValueError, match=r"mixed.pt holds no recognisable state dict .*top "
+                       r"level: \['w', 'epoch', 'note'\]; not tensors: \['epoch \(int\)', "
+                       r"'note \(str\)'\]"):
+        read_state_dict(path)
+    torch.save(torch.zeros(3), path)
+    with pytest.raises(ValueError, match=r"top level: Tensor\.$"):
+        read_state_dict(path)
