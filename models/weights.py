@@ -342,6 +342,15 @@ def _plan(ckpt: _Checkpoint, target: Mapping[str, torch.Tensor], prefix: str, so
 
 def _require_match(report: LoadReport, ckpt: _Checkpoint, target: Mapping[str, torch.Tensor],
                    tried: Sequence[str]) -> None:
+    if not report.loaded and report.mismatched:  # the names fit, the sizes do not
+        shown = [f"{n} {tuple(c)} in the file, {tuple(m)} in the model"
+                 for n, c, m in report.mismatched[:3]]
+        raise ValueError(
+            f"no checkpoint key matched the model by shape from {report.source}: "
+            f"{len(report.mismatched)} keys match by name but differ in shape (e.g. "
+            f"{'; '.join(shown)}). The file's network was built with other settings (sizes, "
+            "patch size, dimensions): configure the backbone it was trained with."
+        )
     if not report.loaded:
         raise ValueError(
             f"no checkpoint key matched the model (by name and shape) from {report.source}, "

@@ -213,3 +213,12 @@ def test_a_file_without_a_state_dict_names_what_it_holds(tmp_path):
     torch.save(torch.zeros(3), path)
     with pytest.raises(ValueError, match=r"top level: Tensor\.$"):
         read_state_dict(path)
+
+
+def test_keys_that_fit_by_name_only_say_the_sizes_differ(tmp_path):
+    """An export of a wider ViT: every name fits, no shape does."""
+    path = tmp_path / "wide.pt"
+    save_backbone(path, ViTBackbone(**dict(TINY_VIT, hidden_size=64, mlp_dim=128)))
+    with pytest.raises(ValueError, match=r"keys match by name but differ in shape \(e.g. .*"
+                       r"in the file, .* in the model.*configure the backbone it was trained"):
+        load_weights(ViTBackbone(**TINY_VIT), read_state_dict(path)[0])
