@@ -156,8 +156,9 @@ def load_file(path: str | Path, trust: bool = False, mmap: bool = False,
 
 
 def _unreadable(path: Path, err: BaseException) -> str:
-    size = path.stat().st_size
-    what = "it is empty" if size == 0 else f"{size} bytes, neither a PyTorch file nor complete"
+    size = path.stat().st_size if path.is_file() else None
+    what = ("not a file" if size is None else "it is empty" if size == 0
+            else f"{size} bytes, neither a PyTorch file nor complete")
     first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
     return (f"{path} is not a readable PyTorch checkpoint ({what}; torch.load: "
             f"{type(err).__name__}{': ' + first if first else ''}). Was it copied completely?")
