@@ -32,7 +32,7 @@ from monai.utils import look_up_option
 from medssl.data.dicom import DicomError
 from medssl.data.geometry import GEOMETRY
 from medssl.data.io import VolumeError, VolumeInfo, read_volume_info
-from medssl.data.table import MAX_REPORTED, is_missing
+from medssl.data.table import is_missing, list_problems
 from medssl.data.transforms import SLICE, SLICE_AXIS
 
 if TYPE_CHECKING:
@@ -98,10 +98,8 @@ def _raise_all(errors: Sequence[BaseException]) -> None:
     if len(errors) == 1:
         raise errors[0]
     if errors:
-        shown = [str(e) for e in errors[:MAX_REPORTED]]
-        more = len(errors) - len(shown)
-        raise VolumeError(f"{len(errors)} volumes cannot be used:\n  " + "\n  ".join(shown)
-                          + (f"\n  ... and {more} more" if more else ""))
+        raise VolumeError(f"{len(errors)} volumes cannot be used:"
+                          + list_problems([str(e) for e in errors]))
 
 
 class _ClearErrors:

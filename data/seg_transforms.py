@@ -34,7 +34,7 @@ from monai.transforms import (
 
 from medssl.data.dicom import DicomError
 from medssl.data.io import VolumeError, load_volume
-from medssl.data.table import MAX_REPORTED, CohortError
+from medssl.data.table import CohortError, list_problems
 
 IMAGE, LABEL = "image", "label"
 SLICE_DIM = "slice_dim"  # item key: volume axis (0..2 after the channel) the 2D slices run along
@@ -98,11 +98,8 @@ def check_label_values(records: Sequence[Mapping], num_classes: int, csv_path: s
             problems.append(f"{r['row']}: label {r['seg_path']} (image {r['img_path']}) "
                             f"{problem}")
     if problems:
-        shown = problems[:MAX_REPORTED]
-        more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) \
-            else ""
-        raise CohortError(f"{csv_path}: {len(problems)} label map problem(s):\n  "
-                          + "\n  ".join(shown) + more)
+        raise CohortError(f"{csv_path}: {len(problems)} label map problem(s):"
+                          + list_problems(problems))
 
 
 def segmentation_augment(

@@ -61,13 +61,16 @@ class CohortError(ValueError):
     """Bad rows or columns in a cohort CSV; the message lists all of them."""
 
 
-def _fail(csv_path: Path, problems: list[str]) -> None:
+def list_problems(problems: Sequence[str]) -> str:
+    """The problems one per indented line, at most ``MAX_REPORTED`` and a count of the rest."""
     shown = problems[:MAX_REPORTED]
     more = len(problems) - len(shown)
-    raise CohortError(
-        f"{csv_path}: {len(problems)} problem(s):\n  " + "\n  ".join(shown)
-        + (f"\n  ... and {more} more" if more else "")
-    )
+    return "\n  " + "\n  ".join(shown) + (f"\n  ... and {more} more" if more else "")
+
+
+def fail(csv_path: Path, problems: Sequence[str]) -> None:
+    """Raise a CohortError listing every problem of a CSV."""
+    raise CohortError(f"{csv_path}: {len(problems)} problem(s):{list_problems(problems)}")
 
 
 def is_missing(value: object) -> bool:
@@ -173,7 +176,7 @@ class Cohort:
                               f"CSV's fold column holds only {present}")
         rows = [r for r in self.records if r["fold"] in wanted]
         if not rows:
-            _fail(self.csv_path, [f"{key}: every row of fold(s) {wanted} was left out as bad "
+            fail(self.csv_path, [f"{key}: every row of fold(s) {wanted} was left out as bad "
                                   "(on_bad_sample=skip)",
                                   *(f"{r['row']}: {p}" for r, found in dropped for p in found)])
         return rows
@@ -226,7 +229,7 @@ class Cohort:
                     str(self.lines.get(r["row"], "?")))
         leaks = {pid: where for pid, where in seen.items() if len(where) > 1 and "train" in where}
         if leaks:
-            _fail(self.csv_path, [
+            fail(self.csv_path, [
                 f"PatientID {pid} is in {len(where)} splits (data leakage): "
                 + "; ".join(f"{name} line(s) {', '.join(lines)}" for name, lines in where.items())
                 for pid, where in leaks.items()
@@ -353,7 +356,7 @@ def read_cohort(
                 r[target] = index[r[target]]
     bad = [(records[i], found) for i, found in problems.items() if found]
     if bad and strict:
-        _fail(csv_path, [f"{r['row']}: {p}" for r, found in bad for p in found])
+        fail(csv_path, [f"{r['row']}: {p}" for r, found in bad for p in found])
     good = [r for i, r in enumerate(records) if not problems[i]]
     return Cohort(csv_path, task, good, encodings, bad, lines)
 
@@ -531,7 +534,7 @@ def validate_volumes(cohort: Cohort, records: Sequence[dict] | None = None,
     (``on_bad_sample: error``); returns the report (its ``infos``) when all rows are good."""
     report = check_volumes(cohort, records, workers)
     if report.problems:
-        _fail(cohort.csv_path, [f"{row}: {p}" for row, found in report.problems.items()
+        fail(cohort.csv_path, [f"{row}: {p}" for row, found in report.problems.items()
                                 for p in found])
     return report
 

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from medssl.data.datamodule import CohortDataModule
 from medssl.data.pipeline import IMAGE, Preprocessing
-from medssl.data.table import Cohort, CohortError, category_order, is_missing
+from medssl.data.table import Cohort, CohortError, category_order, fail, is_missing
 from medssl.models.classifier import Classifier
 from medssl.models.metrics import classification_report
 from medssl.models.weights import (
@@ -164,7 +164,7 @@ def _check_spellings(rows: Sequence[Mapping], targets: Sequence[str], csv_path: 
                      "are one class written differently; write it one way"
                      for found in spellings.values() if len(found) > 1]
     if problems:
-        raise CohortError(f"{csv_path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+        fail(csv_path, problems)
 
 
 class ClassificationData(CohortDataModule):
@@ -399,16 +399,14 @@ class ClassificationTask(Task):
 
     @staticmethod
     def _check_checkpoint(path: str | Path, hparams: Mapping, module: Classifier) -> None:
-        """A checkpoint to resume or test (its ``hparams``) must match the configured
-        backbone and classes."""
+        """A checkpoint to resume or test (its ``hparams``) must be a classifier with the
+        configured pooling, feature norm and classes (the run layer's ``check_fits`` compares
+        its backbone settings, as for every script)."""
         if "classes" not in hparams:
             raise ValueError(f"{path} is not a classification checkpoint of ours (no class "
                              "encoding in its hyper_parameters); to start from another "
                              "script's weights use dino_weights=, mae_weights= or "
                              "suprem_weights=")
-        stored = stored_config({"hyper_parameters": hparams})
-        if stored is not None:
-            check_backbone_config(str(path), stored, module.backbone.config)
         # Checkpoints from before the option pooled the CLS token.
         pooling = hparams.get("pooling", "cls")
         if pooling != module.hparams.pooling:
