@@ -22,6 +22,8 @@ from monai.networks.layers import gaussian_1d
 from monai.transforms import MapTransform, Randomizable, Transform
 from monai.utils import look_up_option
 
+from medssl.errors import InputError
+
 PADDING_MODES = ("border", "zeros", "reflection")
 # torchvision RandomResizedCrop: tries this many random crops before falling back to the whole
 # image; kept so the scale/aspect distribution matches DINO's on 2D inputs.
@@ -36,14 +38,14 @@ def _pair(name: str, value: Sequence[float], low: float, high: float,
     above = lo > low if low_open else lo >= low
     if not (above and lo <= hi <= high):
         bound = "<" if low_open else "<="
-        raise ValueError(f"{name} must satisfy {low} {bound} min <= max <= {high}, "
+        raise InputError(f"{name} must satisfy {low} {bound} min <= max <= {high}, "
                          f"got {list(value)}")
     return lo, hi
 
 
 def _prob(name: str, value: float) -> float:
     if not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
+        raise InputError(f"{name} must be a probability in [0, 1], got {value}")
     return float(value)
 
 
@@ -116,28 +118,28 @@ class RandCropView(Randomizable, Transform):
         self.size = tuple(int(s) for s in size)
         ndim = len(self.size)
         if ndim not in (2, 3) or min(self.size) < 1:
-            raise ValueError(f"size must be 2 or 3 positive sizes, got {list(size)}")
+            raise InputError(f"size must be 2 or 3 positive sizes, got {list(size)}")
         self.scale = _pair("crop scale", scale, 0.0, 1.0, low_open=True)
         if not max_aspect_ratio >= 1.0:
-            raise ValueError(f"max_aspect_ratio must be >= 1, got {max_aspect_ratio}")
+            raise InputError(f"max_aspect_ratio must be >= 1, got {max_aspect_ratio}")
         self.log_aspect = math.log(max_aspect_ratio)
         self.flip_axes = tuple(int(a) for a in flip_axes)
         if len(set(self.flip_axes)) != len(self.flip_axes) or any(
                 not 0 <= a < ndim for a in self.flip_axes):
-            raise ValueError(f"flip_axes must be distinct spatial axes in [0, {ndim - 1}], "
+            raise InputError(f"flip_axes must be distinct spatial axes in [0, {ndim - 1}], "
                              f"got {list(flip_axes)}")
         n_angles = 3 if ndim == 3 else 1
         angles = np.atleast_1d(np.asarray(rotate_deg, dtype=float))
         if angles.size == 1:
             angles = np.repeat(angles, n_angles)
         if angles.size != n_angles or (angles < 0).any() or (angles > 180).any():
-            raise ValueError(f"rotate_deg must be one angle or {n_angles} angles in [0, 180] "
+            raise InputError(f"rotate_deg must be one angle or {n_angles} angles in [0, 180] "
                              f"for {ndim}D views, got {rotate_deg}")
         self.rotate_rad = np.deg2rad(angles)
         if not 0.0 <= intensity_scale < 1.0:
-            raise ValueError(f"intensity_scale must be in [0, 1), got {intensity_scale}")
+            raise InputError(f"intensity_scale must be in [0, 1), got {intensity_scale}")
         if noise_std < 0:
-            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+            raise InputError(f"noise_std must be >= 0, got {noise_std}")
         self.intensity_scale, self.noise_std = float(intensity_scale), float(noise_std)
         self.gamma = _pair("gamma", gamma, 0.0, math.inf, low_open=True)
         self.blur_sigma = _pair("blur_sigma", blur_sigma, 0.0, math.inf, low_open=True)
@@ -265,7 +267,7 @@ class RandCropView(Randomizable, Transform):
         x = x.float()
         shape = tuple(x.shape[1:])
         if len(shape) != len(self.size):
-            raise ValueError(f"expected a (C, {len(self.size)} spatial axes) volume for view "
+            raise InputError(f"expected a (C, {len(self.size)} spatial axes) volume for view "
                              f"size {list(self.size)}, got shape {tuple(x.shape)}")
         if randomize:
             self.randomize(shape)
@@ -356,11 +358,11 @@ class MultiCropd(Randomizable, MapTransform):
                  **view_options: object) -> None:
         MapTransform.__init__(self, keys)
         if n_crops < n_global:
-            raise ValueError(f"n_crops ({n_crops}) must be at least the {n_global} global crops")
+            raise InputError(f"n_crops ({n_crops}) must be at least the {n_global} global crops")
         for name, probs in (("global_blur_prob", global_blur_prob),
                             ("global_invert_prob", global_invert_prob)):
             if len(probs) != n_global:
-                raise ValueError(f"{name} needs one probability per global view ({n_global}), "
+                raise InputError(f"{name} needs one probability per global view ({n_global}), "
                                  f"got {list(probs)}")
         self.out_key, self.fixed_seed = out_key, fixed_seed
         self.views = [

@@ -34,6 +34,7 @@ from medssl.data.geometry import GEOMETRY
 from medssl.data.io import VolumeError, VolumeInfo, read_volume_info
 from medssl.data.table import is_missing, list_problems
 from medssl.data.transforms import SLICE, SLICE_AXIS
+from medssl.errors import InputError
 
 if TYPE_CHECKING:
     from medssl.data.pipeline import Preprocessing
@@ -413,10 +414,10 @@ def build_dataset(
                                  num_workers or None)
         n = len(memory.steps)
         if [id(t) for t in transforms[:n]] != [id(t) for t in memory.steps]:
-            raise ValueError("transforms must start with the memory cache's preprocessing steps")
+            raise InputError("transforms must start with the memory cache's preprocessing steps")
         return _MemoryDataset(records, memory, transforms[n:])
     if cache_dir is None:
-        raise ValueError("cache='disk' needs cache_dir")
+        raise InputError("cache='disk' needs cache_dir")
     folder = Path(cache_dir) / cache_key(settings)
     if reset_cache and folder.exists():
         log.info("Removing the disk cache %s", folder)

@@ -24,6 +24,7 @@ from medssl.data.pipeline import (
 )
 from medssl.data.table import BadRows, Cohort
 from medssl.data.workers import AUTO, check_n_workers, loader_workers, trainer_layout, usable_cpus
+from medssl.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ class CohortDataModule(L.LightningDataModule):
             look_up_option(name, SPLITS)
         for what, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if value is not None and value < 1:
-                raise ValueError(f"{what} must be positive, got {value}")
+                raise InputError(f"{what} must be positive, got {value}")
         n_workers = check_n_workers(n_workers)
         look_up_option(cache, CACHE_MODES)
         self.on_bad_sample = bad_sample_mode(on_bad_sample)
@@ -190,7 +191,7 @@ class CohortDataModule(L.LightningDataModule):
         if self.cohort is None:
             raise RuntimeError("call setup() before asking for data loaders")
         if name not in self.datasets:
-            raise ValueError(f"{self.csv_path}: no '{name}' split configured (splits: "
+            raise InputError(f"{self.csv_path}: no '{name}' split configured (splits: "
                              f"{sorted(self.datasets)}); give its folds")
         return self.datasets[name]
 
@@ -242,7 +243,7 @@ class CohortDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         n = len(self._dataset("train"))
         if n < self.batch_size:
-            raise ValueError(f"{self.csv_path}: {n} training items but batch_size="
+            raise InputError(f"{self.csv_path}: {n} training items but batch_size="
                              f"{self.batch_size} (incomplete batches are dropped); lower "
                              "batch_size or add training rows")
         return self._loader("train", self.batch_size, train=True)

@@ -16,6 +16,8 @@ import numpy as np
 import pydicom
 from pydicom.dataelem import RawDataElement
 
+from medssl.errors import InputError
+
 log = logging.getLogger(__name__)
 
 _UNCOMPRESSED_SYNTAXES = {
@@ -25,7 +27,7 @@ _UNCOMPRESSED_SYNTAXES = {
 }
 
 
-class DicomError(ValueError):
+class DicomError(InputError):
     """A DICOM input that cannot be turned into a correct volume."""
 
 

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from monai.utils import look_up_option
 
+from medssl.errors import InputError
+
 GEOMETRY = "geometry"
 RESIZE_MODES = ("area", "nearest")
 _LINEAR = {1: "linear", 2: "bilinear", 3: "trilinear"}
@@ -63,7 +65,7 @@ def resize_grid(x: torch.Tensor, size: Sequence[int], mode: str = "area") -> tor
     size = tuple(int(s) for s in size)
     old = tuple(x.shape[1:])
     if len(size) != len(old) or min(size) < 1:
-        raise ValueError(f"resize to {size} does not fit an input of spatial shape {old}")
+        raise InputError(f"resize to {size} does not fit an input of spatial shape {old}")
     if size == old:
         return x
     if mode == "nearest":
@@ -191,7 +193,7 @@ def _as_channel_first(array: np.ndarray | torch.Tensor, spatial: tuple[int, ...]
         return x[None], False
     if tuple(x.shape[1:]) == spatial:
         return x, True
-    raise ValueError(f"array of shape {tuple(x.shape)} is not on the {what} grid {spatial} "
+    raise InputError(f"array of shape {tuple(x.shape)} is not on the {what} grid {spatial} "
                      "(with or without a leading channel axis)")
 
 
@@ -236,17 +238,17 @@ def slices_to_file_grid(arrays: Sequence[np.ndarray | torch.Tensor],
         (C, *file_shape) or (*file_shape), following the arrays.
     """
     if not arrays or len(arrays) != len(geometries):
-        raise ValueError(f"need one geometry per slice array, got {len(arrays)} arrays and "
+        raise InputError(f"need one geometry per slice array, got {len(arrays)} arrays and "
                          f"{len(geometries)} geometries")
     first = geometries[0]
     axis = int(first["slice_axis"])
     file_shape = tuple(int(s) for s in first["file_shape"])
     for g in geometries:
         if int(g["slice_axis"]) < 0:
-            raise ValueError("slices_to_file_grid got a volume geometry (slice_axis -1)")
+            raise InputError("slices_to_file_grid got a volume geometry (slice_axis -1)")
         if int(g["slice_axis"]) != axis or tuple(int(s) for s in g["file_shape"]) != file_shape \
                 or not torch.equal(g["file_affine"], first["file_affine"]):
-            raise ValueError("slices_to_file_grid got slices of different files or axes")
+            raise InputError("slices_to_file_grid got slices of different files or axes")
     out = None
     for array, g in zip(arrays, geometries, strict=True):
         plane = invert_to_file_grid(array, g, mode)
@@ -268,7 +270,7 @@ def _nifti_dtype(array: np.ndarray) -> np.dtype:
         for dtype in (np.uint8, np.int16, np.int32):
             if np.iinfo(dtype).min <= lo and hi <= np.iinfo(dtype).max:
                 return np.dtype(dtype)
-        raise ValueError(f"label values {lo}..{hi} do not fit a 32-bit NIfTI")
+        raise InputError(f"label values {lo}..{hi} do not fit a 32-bit NIfTI")
     return np.dtype(np.float32)
 
 
@@ -294,7 +296,7 @@ def save_on_file_grid(array: np.ndarray | torch.Tensor, geometry: Mapping[str, t
     if reference is not None:
         ref = nib.load(str(reference))
         if tuple(ref.shape[:3]) != file_shape or not np.allclose(ref.affine, affine, atol=1e-4):
-            raise ValueError(f"{reference}: shape {ref.shape[:3]} / affine differ from the "
+            raise InputError(f"{reference}: shape {ref.shape[:3]} / affine differ from the "
                              f"geometry's file grid {file_shape}; wrong reference file")
         header = ref.header.copy()
         header.set_data_dtype(data.dtype)

@@ -24,11 +24,12 @@ from monai.transforms import MapTransform
 from monai.utils import MetaKeys, SpaceKeys
 
 from medssl.data import dicom
+from medssl.errors import InputError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
-class VolumeError(ValueError):
+class VolumeError(InputError):
     """A path that does not hold one readable volume."""
 
 

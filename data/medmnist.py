@@ -22,13 +22,15 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from medssl.errors import InputError
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 # MedMNIST's patient-level splits: train/val/test; any of them may be absent from a file.
 
 
-class MedMNISTError(ValueError):
+class MedMNISTError(InputError):
     """An ``.npz`` that is not a MedMNIST 3D file; the message names the file and key."""
 
 

@@ -44,6 +44,7 @@ from medssl.data.transforms import (
     LoadItemd,
     ScaleToUnitd,
 )
+from medssl.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +76,12 @@ class Preprocessing:
 
     def __post_init__(self) -> None:
         if not 0 <= self.lower_percentile < self.upper_percentile <= 100:
-            raise ValueError("need 0 <= lower_percentile < upper_percentile <= 100, got "
+            raise InputError("need 0 <= lower_percentile < upper_percentile <= 100, got "
                              f"{self.lower_percentile}, {self.upper_percentile}")
         if self.resize_to is not None:
             object.__setattr__(self, "resize_to", tuple(int(s) for s in self.resize_to))
             if len(self.resize_to) not in (2, 3) or min(self.resize_to) < 1:
-                raise ValueError("resize_to must be 2 (slices) or 3 (volumes) positive sizes, "
+                raise InputError("resize_to must be 2 (slices) or 3 (volumes) positive sizes, "
                                  f"got {self.resize_to}")
 
 
@@ -154,12 +155,12 @@ def expand_slices(items: Sequence[dict], slice_axis: int = CSV_SLICE_AXIS,
         workers: threads reading headers and label maps.
     """
     if slice_axis not in (0, 1, 2):
-        raise ValueError(f"slice_axis must be 0, 1 or 2 (a stored voxel axis), got {slice_axis}")
+        raise InputError(f"slice_axis must be 0, 1 or 2 (a stored voxel axis), got {slice_axis}")
     for item in items:
         if item.get(SLICE_AXIS) is not None:
-            raise ValueError(f"{item.get('row', '')}: already a slice item")
+            raise InputError(f"{item.get('row', '')}: already a slice item")
         if foreground and LABEL not in item:
-            raise ValueError(f"{item.get('row', '')}: foreground marking needs a label")
+            raise InputError(f"{item.get('row', '')}: foreground marking needs a label")
 
     def count(item: dict) -> tuple[int, np.ndarray | None]:
         series = None if is_missing(item.get("series")) else str(item["series"])
@@ -194,10 +195,10 @@ def select_slices(items: Sequence[dict], empty_per_foreground: float,
         the kept items in their original order.
     """
     if empty_per_foreground < 0:
-        raise ValueError(f"empty_per_foreground must be >= 0, got {empty_per_foreground}")
+        raise InputError(f"empty_per_foreground must be >= 0, got {empty_per_foreground}")
     unmarked = [i for i in items if HAS_FOREGROUND not in i]
     if unmarked:
-        raise ValueError(f"{unmarked[0].get('row', '')}: slice items need has_foreground; "
+        raise InputError(f"{unmarked[0].get('row', '')}: slice items need has_foreground; "
                          "build them with expand_slices(..., foreground=True)")
     empty = [n for n, i in enumerate(items) if not i[HAS_FOREGROUND]]
     n_fg = len(items) - len(empty)
@@ -214,7 +215,7 @@ def _check_dimensions(settings: Preprocessing, items: Mapping[str, Sequence[dict
     for name, rows in items.items():
         dims = 2 if rows and rows[0].get(SLICE_AXIS) is not None else 3
         if len(settings.resize_to) != dims:
-            raise ValueError(f"resize_to {list(settings.resize_to)} has "
+            raise InputError(f"resize_to {list(settings.resize_to)} has "
                              f"{len(settings.resize_to)} sizes, but the '{name}' items are "
                              f"{dims}D {'slices' if dims == 2 else 'volumes'}; give {dims} sizes")
 
@@ -222,7 +223,7 @@ def _check_dimensions(settings: Preprocessing, items: Mapping[str, Sequence[dict
 def bad_sample_mode(value: str) -> str:
     """``value`` if it is one of ``BAD_SAMPLE_MODES``; a ValueError naming the key if not."""
     if value not in BAD_SAMPLE_MODES:
-        raise ValueError(f"on_bad_sample must be one of {list(BAD_SAMPLE_MODES)}, got {value!r}")
+        raise InputError(f"on_bad_sample must be one of {list(BAD_SAMPLE_MODES)}, got {value!r}")
     return value
 
 
@@ -262,7 +263,7 @@ def rank_share(items: Sequence[dict], rank: int, world_size: int,
     match; the shares are disjoint apart from the padding and together cover every item.
     """
     if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} outside a world of {world_size}")
+        raise InputError(f"rank {rank} outside a world of {world_size}")
     order = list(range(len(items)))
     if shuffle_seed is not None:
         order = torch.randperm(len(items), generator=torch.Generator().manual_seed(
@@ -330,7 +331,7 @@ def make_datasets(
     slices = dict(slices or {})
     unknown = sorted(set(slices) - set(selected))
     if unknown:
-        raise ValueError(f"slices names split(s) {unknown} that are not selected "
+        raise InputError(f"slices names split(s) {unknown} that are not selected "
                          f"({sorted(selected)})")
     infos = None
     if validate:

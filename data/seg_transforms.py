@@ -35,6 +35,7 @@ from monai.transforms import (
 from medssl.data.dicom import DicomError
 from medssl.data.io import VolumeError, load_volume
 from medssl.data.table import CohortError, list_problems
+from medssl.errors import InputError
 
 IMAGE, LABEL = "image", "label"
 SLICE_DIM = "slice_dim"  # item key: volume axis (0..2 after the channel) the 2D slices run along
@@ -83,7 +84,7 @@ def check_label_values(records: Sequence[Mapping], num_classes: int, csv_path: s
         CohortError: naming each bad row, its image and label files and the values found.
     """
     if num_classes < 2:
-        raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
+        raise InputError(f"num_classes counts the background and must be >= 2, got {num_classes}")
     volumes = sorted({(r["seg_path"], r.get("series") or None) for r in records}, key=str)
 
     def check(volume: tuple[str, str | None]) -> str | None:
@@ -144,17 +145,17 @@ def segmentation_augment(
     """
     ndim = len(patch_size)
     if ndim not in (2, 3) or min(patch_size) < 1:
-        raise ValueError(f"patch_size must be 2 or 3 positive sizes, got {list(patch_size)}")
+        raise InputError(f"patch_size must be 2 or 3 positive sizes, got {list(patch_size)}")
     if pos < 0 or neg < 0 or pos + neg <= 0:
-        raise ValueError(f"need pos >= 0, neg >= 0 and pos + neg > 0, got pos={pos}, neg={neg}")
+        raise InputError(f"need pos >= 0, neg >= 0 and pos + neg > 0, got pos={pos}, neg={neg}")
     if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        raise InputError(f"num_samples must be >= 1, got {num_samples}")
     if not 0 <= aug_prob <= 1:
-        raise ValueError(f"aug_prob must be in [0, 1], got {aug_prob}")
+        raise InputError(f"aug_prob must be in [0, 1], got {aug_prob}")
     flip_axes = list(range(ndim)) if flip_axes is None else list(flip_axes)
     bad_axes = [a for a in flip_axes if not 0 <= a < ndim]
     if bad_axes:
-        raise ValueError(f"flip_axes {list(flip_axes)} name axes outside 0..{ndim - 1} of a "
+        raise InputError(f"flip_axes {list(flip_axes)} name axes outside 0..{ndim - 1} of a "
                          f"{ndim}D patch")
     keys = [IMAGE, LABEL]
     patch = [int(s) for s in patch_size]
@@ -187,7 +188,7 @@ def ras_slice_dim(file_affine: np.ndarray, slice_axis: int) -> int:
     ``slice_axis`` (their axes, too, point along increasing R, A, S).
     """
     if slice_axis not in (0, 1, 2):
-        raise ValueError(f"slice_axis must be 0, 1 or 2 (a stored voxel axis), got {slice_axis}")
+        raise InputError(f"slice_axis must be 0, 1 or 2 (a stored voxel axis), got {slice_axis}")
     return int(nib.orientations.io_orientation(np.asarray(file_affine))[slice_axis, 0])
 
 

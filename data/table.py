@@ -39,6 +39,7 @@ import pandas as pd
 
 from medssl.data import dicom
 from medssl.data.io import VolumeError, VolumeInfo, canonical_layout, read_volume_info
+from medssl.errors import InputError
 
 log = logging.getLogger(__name__)
 TASK_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -57,7 +58,7 @@ Folds = Sequence[int | str] | int | str | None
 BadRows = list[tuple[dict, list[str]]]
 
 
-class CohortError(ValueError):
+class CohortError(InputError):
     """Bad rows or columns in a cohort CSV; the message lists all of them."""
 
 
@@ -311,7 +312,7 @@ def read_cohort(
     """
     csv_path = Path(csv_path).resolve()
     if task is not None and task not in TASK_COLUMNS:
-        raise ValueError(f"unknown task '{task}'; choose one of {sorted(TASK_COLUMNS)}")
+        raise InputError(f"unknown task '{task}'; choose one of {sorted(TASK_COLUMNS)}")
     df = read_table(csv_path)
     if task is None:
         task = infer_task(df.columns)

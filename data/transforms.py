@@ -29,6 +29,7 @@ from medssl.data.geometry import (
 )
 from medssl.data.io import LoadVolumed, VolumeError, read_slice
 from medssl.data.table import is_missing
+from medssl.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ class ScaleToUnit(Transform):
 
     def __init__(self, lower: float = 0.5, upper: float = 99.5) -> None:
         if not 0 <= lower < upper <= 100:
-            raise ValueError(f"need 0 <= lower < upper <= 100, got {lower}, {upper}")
+            raise InputError(f"need 0 <= lower < upper <= 100, got {lower}, {upper}")
         self.lower, self.upper = lower, upper
         self._warned: set[tuple[str, str]] = set()
 

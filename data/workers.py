@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
 
+from medssl.errors import InputError
+
 AUTO = "auto"
 # More workers than this rarely help one device and each holds a copy of the transforms.
 MAX_AUTO_WORKERS = 8
@@ -53,7 +55,7 @@ def check_n_workers(n_workers: Any) -> int | str:
     if n_workers == AUTO:
         return AUTO
     if isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 0:
-        raise ValueError(f"n_workers must be '{AUTO}' or an integer >= 0, got {n_workers!r}")
+        raise InputError(f"n_workers must be '{AUTO}' or an integer >= 0, got {n_workers!r}")
     return n_workers
 
 

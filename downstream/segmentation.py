@@ -7,14 +7,14 @@ Configuration: ``configs/segmentation.yaml`` (``dino_weights=results/dino_demo/b
 import hydra
 from omegaconf import DictConfig
 
-from medssl.run import register_configs, run
+from medssl.run import register_configs, run_script
 
 register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="segmentation")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    run_script(cfg)
 
 
 if __name__ == "__main__":

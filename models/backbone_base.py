@@ -16,6 +16,8 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from medssl.errors import InputError
+
 __all__ = ["POOLINGS", "Backbone", "as_size", "check_positive_int", "check_spatial_dims",
            "checkpointed", "pooled_features"]
 
@@ -36,13 +38,13 @@ def pooled_features(backbone: nn.Module, x: torch.Tensor, pooling: str = "cls") 
 def check_spatial_dims(spatial_dims: int) -> None:
     """Raise ValueError unless ``spatial_dims`` is 2 or 3."""
     if spatial_dims not in (2, 3):
-        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
+        raise InputError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
 
 
 def check_positive_int(name: str, value: Any) -> None:
     """Raise ValueError, naming ``name``, unless ``value`` is an int >= 1 (bools refused)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        raise InputError(f"{name} must be a positive int, got {value!r}.")
 
 
 def as_size(name: str, value: int | Sequence[int], spatial_dims: int) -> list[int]:
@@ -51,7 +53,7 @@ def as_size(name: str, value: int | Sequence[int], spatial_dims: int) -> list[in
     if len(size) != spatial_dims or not all(
         isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size
     ):
-        raise ValueError(
+        raise InputError(
             f"{name} must be a positive int or {spatial_dims} positive ints, got {value!r}."
         )
     return size
@@ -134,7 +136,7 @@ class Backbone(nn.Module):
         """Raise ValueError, naming ``what``, if ``size`` cannot go through this backbone."""
         divisors = self.input_divisors
         if len(size) != len(divisors) or any(s % d for s, d in zip(size, divisors, strict=True)):
-            raise ValueError(f"{what} {list(size)} does not fit {type(self).__name__}: every "
+            raise InputError(f"{what} {list(size)} does not fit {type(self).__name__}: every "
                              f"size must be divisible by {list(divisors)} per axis")
 
     def _check_input(self, x: torch.Tensor, divisors: Sequence[int] | None = None) -> None:
@@ -142,13 +144,13 @@ class Backbone(nn.Module):
         if divisors is None:
             divisors = self.input_divisors
         if x.ndim != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
-            raise ValueError(
+            raise InputError(
                 f"{type(self).__name__} expects input (B, {self.in_channels}, "
                 f"{'D, H, W' if self.spatial_dims == 3 else 'H, W'}), got shape {tuple(x.shape)}."
             )
         spatial = tuple(x.shape[2:])
         if any(s % d for s, d in zip(spatial, divisors, strict=True)):
-            raise ValueError(
+            raise InputError(
                 f"{type(self).__name__}: input spatial size {spatial} must be divisible by "
                 f"{tuple(divisors)} per axis."
             )

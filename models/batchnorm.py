@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from medssl.errors import InputError
+
 __all__ = ["PreciseBatchNorm", "recompute_bn_statistics"]
 
 
@@ -102,7 +104,7 @@ class PreciseBatchNorm(L.Callback):
 
     def __init__(self, forward: Callable[[nn.Module, Any], Any], max_batches: int = 200) -> None:
         if max_batches < 1:
-            raise ValueError(f"max_batches must be >= 1, got {max_batches}")
+            raise InputError(f"max_batches must be >= 1, got {max_batches}")
         self.forward, self.max_batches = forward, max_batches
         self._done_epoch = -1
 

@@ -18,6 +18,7 @@ from monai.utils import look_up_option
 from torch import Tensor, nn
 from torchmetrics import CatMetric
 
+from medssl.errors import InputError
 from medssl.models.backbone_base import POOLINGS, pooled_features
 from medssl.models.backbones import build_backbone
 from medssl.models.dino import warmup_cosine
@@ -92,24 +93,24 @@ class Classifier(L.LightningModule):
         look_up_option(train_mode, TRAIN_MODES)
         look_up_option(pooling, POOLINGS)
         if not classes:
-            raise ValueError("classes must name at least one target")
+            raise InputError("classes must name at least one target")
         few = {t: list(c) for t, c in classes.items() if len(c) < 2}
         if few:
-            raise ValueError(f"every target needs at least 2 classes in the training rows, "
+            raise InputError(f"every target needs at least 2 classes in the training rows, "
                              f"got {few}")
         if class_weights is not None and {t: len(w) for t, w in class_weights.items()} != {
                 t: len(c) for t, c in classes.items()}:
-            raise ValueError("class_weights must give one weight per class of every target")
+            raise InputError("class_weights must give one weight per class of every target")
         if class_priors is not None and ({t: len(p) for t, p in class_priors.items()} != {
                 t: len(c) for t, c in classes.items()} or any(
                 min(p) <= 0 for p in class_priors.values())):
-            raise ValueError("class_priors must give one positive share per class of every "
+            raise InputError("class_priors must give one positive share per class of every "
                              "target")
         if lr <= 0 or min_lr < 0 or backbone_lr_scale < 0 or grad_clip < 0:
-            raise ValueError(f"need lr > 0 and min_lr, backbone_lr_scale, grad_clip >= 0, got "
+            raise InputError(f"need lr > 0 and min_lr, backbone_lr_scale, grad_clip >= 0, got "
                              f"{lr}, {min_lr}, {backbone_lr_scale}, {grad_clip}")
         if warmup_epochs < 0 or freeze_backbone_epochs < 0:
-            raise ValueError("warmup_epochs and freeze_backbone_epochs must be >= 0")
+            raise InputError("warmup_epochs and freeze_backbone_epochs must be >= 0")
         self.save_hyperparameters()
         self.targets = list(classes)
         self.backbone = build_backbone(**backbone_config)

@@ -16,6 +16,7 @@ from monai.networks.nets.flexible_unet import SegmentationHead, UNetDecoder
 from monai.utils import look_up_option
 from torch import nn
 
+from medssl.errors import InputError
 from medssl.models.backbone_base import check_positive_int
 
 __all__ = ["FlexibleUNetDecoder", "NORM_NAMES", "SwinUNETRDecoder", "UNETRDecoder"]
@@ -90,7 +91,7 @@ def unetr_upsampling(patch_size: Sequence[int]) -> tuple[tuple[int, ...], tuple[
     """
     bad = [p for p in patch_size if p > 8 and p % 8]
     if bad:
-        raise ValueError(f"the UNETR decoder needs every patch size to be a multiple of 8 or at "
+        raise InputError(f"the UNETR decoder needs every patch size to be a multiple of 8 or at "
                          f"most 8 (three shared 2x upsampling stages, then one free stage); "
                          f"got patch_size {list(patch_size)}.")
     inner = tuple(2 if p % 8 == 0 else 1 for p in patch_size)
@@ -184,7 +185,7 @@ class FlexibleUNetDecoder(nn.Module):
                  dropout: float = 0.0) -> None:
         decoder_channels = list(decoder_channels)
         if len(decoder_channels) != len(encoder_channels):
-            raise ValueError(f"decoder_channels needs {len(encoder_channels)} entries (one per "
+            raise InputError(f"decoder_channels needs {len(encoder_channels)} entries (one per "
                              f"encoder map), got {decoder_channels}.")
         for c in decoder_channels:
             check_positive_int("each entry of decoder_channels", c)
@@ -192,7 +193,7 @@ class FlexibleUNetDecoder(nn.Module):
         interp_mode = look_up_option(interp_mode, ("nearest", "linear", "bilinear", "bicubic",
                                                    "trilinear"))
         if not 0.0 <= dropout <= 1.0:
-            raise ValueError(f"dropout must be in [0, 1], got {dropout!r}.")
+            raise InputError(f"dropout must be in [0, 1], got {dropout!r}.")
         super().__init__()
         self.skip_connect = len(encoder_channels) - 1
         # Arguments as FlexibleUNet passes them with its defaults.

@@ -26,6 +26,7 @@ from lightly.utils.scheduler import cosine_schedule
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from medssl.errors import InputError
 from medssl.models.backbone_base import POOLINGS, pooled_features
 from medssl.models.backbones import build_backbone
 from medssl.models.monitors import (
@@ -88,7 +89,7 @@ def dino_cross_entropy(teacher_probs: Tensor, student_out: Tensor, student_temp:
     mask[range(n), range(n)] = 0
     n_terms = mask.sum()
     if n_terms == 0:
-        raise ValueError("the DINO loss needs at least two views")
+        raise InputError("the DINO loss needs at least two views")
     return (terms * mask).sum() / (n_terms * teacher_probs.shape[1])
 
 
@@ -143,18 +144,18 @@ class DINO(L.LightningModule):
                  koleo_weight: float = 0.0, pooling: str = "cls", n_global: int = 2) -> None:
         super().__init__()
         if not 0 <= momentum_teacher <= 1:
-            raise ValueError(f"momentum_teacher must be in [0, 1], got {momentum_teacher}")
+            raise InputError(f"momentum_teacher must be in [0, 1], got {momentum_teacher}")
         if lr <= 0 or min_lr < 0:
-            raise ValueError(f"need lr > 0 and min_lr >= 0, got lr={lr}, min_lr={min_lr}")
+            raise InputError(f"need lr > 0 and min_lr >= 0, got lr={lr}, min_lr={min_lr}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+            raise InputError(f"batch_size must be positive, got {batch_size}")
         for name, value, options in (("optimizer", optimizer, ("adamw", "sgd")),
                                      ("centering", centering, CENTERINGS),
                                      ("pooling", pooling, POOLINGS)):
             if value not in options:
-                raise ValueError(f"{name} must be one of {options}, got {value!r}")
+                raise InputError(f"{name} must be one of {options}, got {value!r}")
         if koleo_weight < 0:
-            raise ValueError(f"koleo_weight must be >= 0, got {koleo_weight}")
+            raise InputError(f"koleo_weight must be >= 0, got {koleo_weight}")
         self.save_hyperparameters()
         student_config, teacher_config = dict(backbone_config), dict(backbone_config)
         if backbone_config.get("name") == "vit":

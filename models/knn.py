@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from medssl.errors import InputError
 from medssl.models.monitors import knn_metrics
 
 
@@ -49,9 +50,9 @@ class KNNMonitor(L.Callback):
                  image_key: str = "image", n_classes: int | None = None,
                  sizes: tuple[int, int] | None = None) -> None:
         if k < 1:
-            raise ValueError(f"k must be a positive int, got {k}")
+            raise InputError(f"k must be a positive int, got {k}")
         if n_classes is not None and n_classes < 2:
-            raise ValueError(f"n_classes must be at least 2, got {n_classes}")
+            raise InputError(f"n_classes must be at least 2, got {n_classes}")
         self.bank, self.query, self.target = bank, query, target
         self.backbone_attr, self.k, self.temperature = backbone_attr, k, temperature
         self.image_key, self.n_classes, self.sizes = image_key, n_classes, sizes

@@ -31,6 +31,7 @@ from monai.networks.layers import trunc_normal_
 from torch import Tensor, nn
 from torchvision.utils import make_grid
 
+from medssl.errors import InputError
 from medssl.models.backbones import build_backbone
 from medssl.models.dino import warmup_cosine
 from medssl.models.optim import adamw
@@ -52,13 +53,13 @@ def cuboid_grid(input_size: Sequence[int], cuboid_size: Sequence[int]) -> tuple[
     """
     dims = len(input_size)
     if len(cuboid_size) != dims:
-        raise ValueError(
+        raise InputError(
             f"mae_cfg.cuboid_size must have {dims} values for {dims}D input {list(input_size)} "
             f"(one per spatial axis), got {list(cuboid_size)}")
     if any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in cuboid_size):
-        raise ValueError(f"mae_cfg.cuboid_size must be positive ints, got {list(cuboid_size)}")
+        raise InputError(f"mae_cfg.cuboid_size must be positive ints, got {list(cuboid_size)}")
     if any(s % c for s, c in zip(input_size, cuboid_size, strict=True)):
-        raise ValueError(
+        raise InputError(
             f"mae_cfg.cuboid_size {list(cuboid_size)} must divide the input size "
             f"{list(input_size)} on every axis (the cuboids tile the input)")
     return tuple(s // c for s, c in zip(input_size, cuboid_size, strict=True))
@@ -72,12 +73,12 @@ def n_masked(n_cuboids: int, mask_percentage: float) -> int:
         ValueError: the fraction is outside (0, 1) or rounds to none or all cuboids.
     """
     if not 0.0 < mask_percentage < 1.0:
-        raise ValueError(
+        raise InputError(
             f"mae_cfg.mask_percentage is the masked fraction in (0, 1) (0.75 hides 75%), got "
             f"{mask_percentage}")
     n = round(mask_percentage * n_cuboids)
     if not 1 <= n <= n_cuboids - 1:
-        raise ValueError(
+        raise InputError(
             f"mae_cfg.mask_percentage {mask_percentage} of {n_cuboids} cuboids hides {n}: "
             "at least one cuboid must be hidden and one visible; use smaller cuboids")
     return n
@@ -167,13 +168,13 @@ class MAEDecoder(nn.Module):
                  num_heads: int = 3) -> None:
         per_axis = 2 * spatial_dims
         if hidden_size % per_axis:
-            raise ValueError(f"decoder_hidden_size must be divisible by {per_axis} for "
+            raise InputError(f"decoder_hidden_size must be divisible by {per_axis} for "
                              f"{spatial_dims}D sin-cos positions, got {hidden_size}")
         if hidden_size % num_heads:
-            raise ValueError(f"decoder_hidden_size {hidden_size} must be divisible by "
+            raise InputError(f"decoder_hidden_size {hidden_size} must be divisible by "
                              f"decoder_num_heads {num_heads}")
         if num_layers < 1:
-            raise ValueError(f"decoder_num_layers must be at least 1, got {num_layers}")
+            raise InputError(f"decoder_num_layers must be at least 1, got {num_layers}")
         super().__init__()
         self.grid = tuple(grid)
         self.embed = nn.Linear(in_dim, hidden_size)
@@ -255,7 +256,7 @@ class MaskedAutoencoder(L.LightningModule):
                  betas: Sequence[float] = (0.9, 0.95), mask_seed: int = 0) -> None:
         super().__init__()
         if lr <= 0 or min_lr < 0:
-            raise ValueError(f"need lr > 0 and min_lr >= 0, got lr={lr}, min_lr={min_lr}")
+            raise InputError(f"need lr > 0 and min_lr >= 0, got lr={lr}, min_lr={min_lr}")
         self.save_hyperparameters()
         self.input_size, self.cuboid_size = tuple(input_size), tuple(cuboid_size)
         self.grid = cuboid_grid(self.input_size, self.cuboid_size)
@@ -267,7 +268,7 @@ class MaskedAutoencoder(L.LightningModule):
             self.encoder.check_input_size(self.input_size, "input_size")
             patch = self.encoder.patch_size
             if any(c % p for c, p in zip(self.cuboid_size, patch, strict=True)):
-                raise ValueError(
+                raise InputError(
                     f"mae_cfg.cuboid_size {list(self.cuboid_size)} must be a multiple of the "
                     f"ViT patch_size {list(patch)} per axis (masking hides whole patches)")
             self.decoder = MAEDecoder(
@@ -293,7 +294,7 @@ class MaskedAutoencoder(L.LightningModule):
             True = hidden, patch size in voxels): ViT patches, or cuboids for CNNs.
         """
         if tuple(x.shape[2:]) != self.input_size:
-            raise ValueError(f"input spatial size {tuple(x.shape[2:])} differs from the "
+            raise InputError(f"input spatial size {tuple(x.shape[2:])} differs from the "
                              f"input_size {list(self.input_size)} the masking is laid out for")
         if self.is_vit:
             patch = self.encoder.patch_size

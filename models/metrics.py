@@ -24,6 +24,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from medssl.errors import InputError
+
 __all__ = ["METRICS", "bootstrap_interval", "classification_report", "confusion_figure",
            "mean_metrics", "roc_auc", "roc_figure", "target_metrics"]
 
@@ -98,7 +100,7 @@ def bootstrap_interval(labels: np.ndarray, probs: np.ndarray, n_resamples: int =
         seed: random seed, so the interval is reproducible.
     """
     if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
+        raise InputError(f"level must be in (0, 1), got {level}")
     labels, probs = _labelled(np.asarray(labels), np.asarray(probs))
     rng = np.random.default_rng(seed)
     values = []

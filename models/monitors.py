@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.utils import make_grid
 
+from medssl.errors import InputError
+
 
 @torch.no_grad()
 def embedding_std(features: Tensor) -> Tensor:
@@ -93,7 +95,7 @@ def view_agreement(a: Tensor, b: Tensor) -> dict[str, Tensor]:
     batch norm; AdrenalMNIST3D 0.03 (chance 0.016), where it drifts to uniform output.
     """
     if a.ndim != 2 or a.shape != b.shape or a.shape[0] < 2:
-        raise ValueError(f"need two (B, D) feature sets with B >= 2, got {tuple(a.shape)} "
+        raise InputError(f"need two (B, D) feature sets with B >= 2, got {tuple(a.shape)} "
                          f"and {tuple(b.shape)}")
     a = F.normalize(a.float() - a.float().mean(0), dim=-1)
     b = F.normalize(b.float() - b.float().mean(0), dim=-1)

@@ -23,6 +23,7 @@ from monai.utils import look_up_option
 from torch import Tensor, nn
 from torchvision.utils import make_grid
 
+from medssl.errors import InputError
 from medssl.models.optim import adamw, clip_grad_norm
 from medssl.models.segmenters import build_segmenter
 
@@ -45,7 +46,7 @@ def build_loss(loss: str, include_background: bool = True, sigmoid: bool = False
     """
     look_up_option(loss, LOSSES)
     if sigmoid == softmax:
-        raise ValueError(f"exactly one of sigmoid and softmax must be true, got sigmoid={sigmoid}"
+        raise InputError(f"exactly one of sigmoid and softmax must be true, got sigmoid={sigmoid}"
                          f", softmax={softmax}")
     args = {"include_background": include_background, "to_onehot_y": True, "sigmoid": sigmoid,
             "softmax": softmax}
@@ -188,24 +189,24 @@ class SegmentationModule(L.LightningModule):
                  n_overlay_slices: int = 3) -> None:
         super().__init__()
         if num_classes < 2:
-            raise ValueError(f"num_classes counts the background and must be >= 2, got "
+            raise InputError(f"num_classes counts the background and must be >= 2, got "
                              f"{num_classes}")
         if lr <= 0 or weight_decay < 0 or encoder_lr_scale < 0:
-            raise ValueError(f"need lr > 0, weight_decay >= 0 and encoder_lr_scale >= 0, got "
+            raise InputError(f"need lr > 0, weight_decay >= 0 and encoder_lr_scale >= 0, got "
                              f"{lr}, {weight_decay}, {encoder_lr_scale}")
         if freeze_encoder_epochs < 0 or grad_clip < 0 or sw_batch_size < 1:
-            raise ValueError("freeze_encoder_epochs and grad_clip must be >= 0 and "
+            raise InputError("freeze_encoder_epochs and grad_clip must be >= 0 and "
                              f"sw_batch_size >= 1, got {freeze_encoder_epochs}, {grad_clip}, "
                              f"{sw_batch_size}")
         if not 0 <= sw_overlap < 1:
-            raise ValueError(f"sw_overlap must be in [0, 1), got {sw_overlap}")
+            raise InputError(f"sw_overlap must be in [0, 1), got {sw_overlap}")
         look_up_option(sw_mode, BLEND_MODES)
         self.save_hyperparameters()
         self.criterion = build_loss(loss, include_background, sigmoid, softmax)
         self.network = build_segmenter(backbone_config, num_classes, **(decoder or {}))
         self.spatial_dims = int(backbone_config.get("spatial_dims", 3))
         if len(patch_size) != self.spatial_dims:
-            raise ValueError(f"patch_size {list(patch_size)} needs {self.spatial_dims} sizes for "
+            raise InputError(f"patch_size {list(patch_size)} needs {self.spatial_dims} sizes for "
                              f"a {self.spatial_dims}D network")
         self.network.check_input_size(list(patch_size), "patch_size")
         self._cases: dict[str, list[Tensor]] = {}
@@ -231,7 +232,7 @@ class SegmentationModule(L.LightningModule):
         if image.ndim == self.spatial_dims + 2:
             return window(image)
         if self.spatial_dims != 2 or image.ndim != 5 or slice_dim is None:
-            raise ValueError(f"a {self.spatial_dims}D network cannot segment an input of shape "
+            raise InputError(f"a {self.spatial_dims}D network cannot segment an input of shape "
                              f"{tuple(image.shape)} (slice_dim {slice_dim})")
         planes = image[0].movedim(slice_dim + 1, 0)  # (n, C, U, V)
         return window(planes).movedim(0, slice_dim + 1)[None]

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from medssl.errors import InputError
 from medssl.models.backbone_base import Backbone, check_positive_int
 from medssl.models.backbones import build_backbone
 from medssl.models.decoders import FlexibleUNetDecoder, SwinUNETRDecoder, UNETRDecoder
@@ -110,7 +111,7 @@ class Segmenter(nn.Module):
         too_small = math.prod(deepest) == 1 and (
             norm == "instance" or (norm == "batch" and batch_size == 1))
         if too_small:
-            raise ValueError(
+            raise InputError(
                 f"{what} {list(size)} is too small for the {self.family} segmenter: {norm} norm "
                 f"at its deepest level (1/{list(strides)} of the input) needs more than one value "
                 f"per channel, but gets {deepest}"
@@ -166,16 +167,16 @@ def build_segmenter(backbone_config: Mapping[str, Any], num_classes: int,
     """
     check_positive_int("num_classes", num_classes)
     if not isinstance(backbone_config, Mapping) or "name" not in backbone_config:
-        raise ValueError(f"backbone_config must be a mapping with a 'name' (one of "
+        raise InputError(f"backbone_config must be a mapping with a 'name' (one of "
                          f"{sorted(DECODERS)}), got {backbone_config!r}.")
     name = backbone_config["name"]
     if name not in DECODERS:
-        raise ValueError(f"no segmentation decoder for backbone {name!r}; available: "
+        raise InputError(f"no segmentation decoder for backbone {name!r}; available: "
                          f"{sorted(DECODERS)}.")
     factory, defaults = DECODERS[name]
     unknown = sorted(set(decoder_options) - set(defaults))
     if unknown:
-        raise ValueError(f"unknown decoder option(s) {unknown} for backbone {name!r}; allowed: "
+        raise InputError(f"unknown decoder option(s) {unknown} for backbone {name!r}; allowed: "
                          f"{sorted(defaults) or 'none'}.")
     options = {**defaults, **decoder_options}
     encoder = build_backbone(**backbone_config)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from monai.networks.nets.swin_unetr import PatchMerging, SwinTransformer
 from torch import nn
 
+from medssl.errors import InputError
 from medssl.models.backbone_base import Backbone, check_positive_int, check_spatial_dims
 
 __all__ = ["LegacyPatchMerging", "SwinEncoder"]
@@ -80,21 +81,21 @@ class SwinEncoder(Backbone):
         check_positive_int("in_channels", in_channels)
         check_positive_int("feature_size", feature_size)
         if feature_size % 12:
-            raise ValueError(f"feature_size must be divisible by 12, got {feature_size}.")
+            raise InputError(f"feature_size must be divisible by 12, got {feature_size}.")
         depths, num_heads = list(depths), list(num_heads)
         for arg, values in [("depths", depths), ("num_heads", num_heads)]:
             if len(values) != 4:
-                raise ValueError(f"{arg} must have 4 entries (one per stage), got {values}.")
+                raise InputError(f"{arg} must have 4 entries (one per stage), got {values}.")
             for v in values:
                 check_positive_int(f"each entry of {arg}", v)
         for stage, heads in enumerate(num_heads):
             if (feature_size * 2**stage) % heads:
-                raise ValueError(
+                raise InputError(
                     f"stage {stage} width {feature_size * 2**stage} must be divisible by "
                     f"num_heads[{stage}]={heads}."
                 )
         if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}.")
+            raise InputError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}.")
         super().__init__()
         self.config = {
             "name": self.name, "spatial_dims": spatial_dims, "in_channels": in_channels,

@@ -15,6 +15,7 @@ from monai.networks.blocks import TransformerBlock
 from monai.networks.layers import Conv, DropPath, trunc_normal_
 from torch import nn
 
+from medssl.errors import InputError
 from medssl.models.backbone_base import (
     Backbone,
     as_size,
@@ -40,7 +41,7 @@ def patchify(x: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
     n = len(patch_size)
     b, c, *spatial = x.shape
     if len(spatial) != n or any(s % p for s, p in zip(spatial, patch_size, strict=True)):
-        raise ValueError(f"patchify: spatial size {tuple(spatial)} must be divisible by "
+        raise InputError(f"patchify: spatial size {tuple(spatial)} must be divisible by "
                          f"patch_size {tuple(patch_size)} per axis.")
     grid = [s // p for s, p in zip(spatial, patch_size, strict=True)]
     # (B, C, g1, p1, g2, p2, ...) -> (B, g1, g2, ..., p1, p2, ..., C)
@@ -55,12 +56,12 @@ def unpatchify(
     """Inverse of ``patchify``: (B, n_patches, prod(patch_size) * C) -> (B, C, *spatial_size)."""
     n = len(patch_size)
     if len(spatial_size) != n or any(s % p for s, p in zip(spatial_size, patch_size, strict=True)):
-        raise ValueError(f"unpatchify: spatial_size {tuple(spatial_size)} must be divisible by "
+        raise InputError(f"unpatchify: spatial_size {tuple(spatial_size)} must be divisible by "
                          f"patch_size {tuple(patch_size)} per axis.")
     grid = [s // p for s, p in zip(spatial_size, patch_size, strict=True)]
     b, n_patches, width = patches.shape
     if n_patches != math.prod(grid) or width % math.prod(patch_size):
-        raise ValueError(f"unpatchify: patches {tuple(patches.shape)} do not fit grid {grid} "
+        raise InputError(f"unpatchify: patches {tuple(patches.shape)} do not fit grid {grid} "
                          f"of patch_size {tuple(patch_size)}.")
     c = width // math.prod(patch_size)
     x = patches.reshape(b, *grid, *patch_size, c)
@@ -78,7 +79,7 @@ def random_keep(
     Each row holds distinct indices in [0, n_patches), in random order (MAE's shuffle).
     """
     if not 1 <= n_keep <= n_patches:
-        raise ValueError(f"n_keep must be in [1, n_patches={n_patches}], got {n_keep}.")
+        raise InputError(f"n_keep must be in [1, n_patches={n_patches}], got {n_keep}.")
     noise = torch.rand(batch_size, n_patches, generator=generator, device=device)
     return noise.argsort(dim=1)[:, :n_keep]
 
@@ -168,17 +169,17 @@ class ViTBackbone(Backbone):
         img = as_size("img_size", img_size, spatial_dims)
         patch = as_size("patch_size", patch_size, spatial_dims)
         if any(i % p for i, p in zip(img, patch, strict=True)):
-            raise ValueError(f"img_size {img} must be divisible by patch_size {patch} per axis.")
+            raise InputError(f"img_size {img} must be divisible by patch_size {patch} per axis.")
         if hidden_size % num_heads:
-            raise ValueError(
+            raise InputError(
                 f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}."
             )
         if not 0.0 <= dropout_rate <= 1.0:
-            raise ValueError(f"dropout_rate must be in [0, 1], got {dropout_rate!r}.")
+            raise InputError(f"dropout_rate must be in [0, 1], got {dropout_rate!r}.")
         if input_norm not in INPUT_NORMS:
-            raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}.")
+            raise InputError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}.")
         if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}.")
+            raise InputError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}.")
         super().__init__()
         self.config = {
             "name": self.name, "spatial_dims": spatial_dims, "in_channels": in_channels,
@@ -277,10 +278,10 @@ class ViTBackbone(Backbone):
     @staticmethod
     def _check_keep(keep: torch.Tensor, batch_size: int, n_patches: int) -> None:
         if keep.ndim != 2 or keep.shape[0] != batch_size or keep.dtype != torch.long:
-            raise ValueError(f"keep must be a long tensor (B={batch_size}, n_keep), got "
+            raise InputError(f"keep must be a long tensor (B={batch_size}, n_keep), got "
                              f"{keep.dtype} {tuple(keep.shape)}.")
         if keep.numel() and (keep.min() < 0 or keep.max() >= n_patches):
-            raise ValueError(f"keep indices must be in [0, {n_patches}) (patches of this input), "
+            raise InputError(f"keep indices must be in [0, {n_patches}) (patches of this input), "
                              f"got [{int(keep.min())}, {int(keep.max())}].")
 
     def _block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:

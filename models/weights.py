@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from medssl.errors import InputError
 from medssl.models.backbones import build_backbone
 
 __all__ = [
@@ -103,7 +104,7 @@ def save_backbone(
     backbone = getattr(backbone, "_orig_mod", backbone)
     config = getattr(backbone, "config", None)
     if not isinstance(config, dict) or "name" not in config:
-        raise ValueError(f"{type(backbone).__name__} has no backbone `config` with a 'name'.")
+        raise InputError(f"{type(backbone).__name__} has no backbone `config` with a 'name'.")
     # Catch non-JSON values (tuples are fine, objects are not) before writing a file that
     # weights_only=True could not read back.
     json.dumps(config)
@@ -113,7 +114,7 @@ def save_backbone(
     }
     clash = set(payload) & set(extra or {})
     if clash:
-        raise ValueError(f"extra must not use the reserved keys {sorted(clash)}.")
+        raise InputError(f"extra must not use the reserved keys {sorted(clash)}.")
     payload.update(extra or {})
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     torch.save(payload, path)
@@ -147,12 +148,12 @@ def load_file(path: str | Path, trust: bool = False, mmap: bool = False,
         return torch.load(path, map_location="cpu", weights_only=not trust, mmap=mmap and is_zip)
     except pickle.UnpicklingError as err:
         if is_zip and not trust and "Weights only load failed" in str(err):
-            raise ValueError(f"{path} cannot be read with torch.load(weights_only=True): it "
+            raise InputError(f"{path} cannot be read with torch.load(weights_only=True): it "
                              f"pickles objects beyond tensors and plain types ({unsafe_hint})."
                              ) from err
-        raise ValueError(_unreadable(path, err)) from err
+        raise InputError(_unreadable(path, err)) from err
     except (EOFError, KeyError, RuntimeError, OSError, ValueError) as err:
-        raise ValueError(_unreadable(path, err)) from err
+        raise InputError(_unreadable(path, err)) from err
 
 
 def _unreadable(path: Path, err: BaseException) -> str:
@@ -185,7 +186,7 @@ def _extract(obj: Any, path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     keys = list(obj)[:_MAX_LISTED] if isinstance(obj, Mapping) else type(obj).__name__
     others = [f"{k} ({type(v).__name__})" for k, v in obj.items()
               if not isinstance(v, torch.Tensor | Mapping)] if isinstance(obj, Mapping) else []
-    raise ValueError(
+    raise InputError(
         f"{path} holds no recognisable state dict (expected a name->tensor dict, optionally under "
         f"'state_dict', 'model' or 'net'); top level: {keys}"
         + (f"; not tensors: {others[:_MAX_LISTED]}" if others else "") + "."
@@ -251,7 +252,7 @@ def check_behaviour(stored: Mapping | None, own: Mapping | None, source: str) ->
     for key, default in BEHAVIOUR_KEYS.items():
         theirs, ours = stored.get(key, default), own.get(key, default)
         if theirs != ours:
-            raise ValueError(f"{source} was trained with backbone.{key}={theirs}, but this "
+            raise InputError(f"{source} was trained with backbone.{key}={theirs}, but this "
                              f"network has backbone.{key}={ours}: set backbone.{key}={theirs} "
                              "(the same weights compute something else otherwise)")
 
@@ -274,7 +275,7 @@ def _read_source(
     for name, tensor in raw.items():
         key = _unwrap_name(name)
         if key in ckpt:
-            raise ValueError(f"checkpoint keys {ckpt[key][0]!r} and {name!r} both map to {key!r}.")
+            raise InputError(f"checkpoint keys {ckpt[key][0]!r} and {name!r} both map to {key!r}.")
         ckpt[key] = (name, tensor)
     return ckpt, source
 
@@ -288,7 +289,7 @@ def _candidates(prefixes: Sequence[str] | None) -> list[str]:
     if prefixes is None:
         prefixes = DEFAULT_PREFIXES
     if not prefixes:
-        raise ValueError("prefixes must name at least one candidate prefix ('' for none).")
+        raise InputError("prefixes must name at least one candidate prefix ('' for none).")
     return list(dict.fromkeys(_unwrap_name(p) for p in prefixes))
 
 
@@ -346,14 +347,14 @@ def _require_match(report: LoadReport, ckpt: _Checkpoint, target: Mapping[str, t
     if not report.loaded and report.mismatched:  # the names fit, the sizes do not
         shown = [f"{n} {tuple(c)} in the file, {tuple(m)} in the model"
                  for n, c, m in report.mismatched[:3]]
-        raise ValueError(
+        raise InputError(
             f"no checkpoint key matched the model by shape from {report.source}: "
             f"{len(report.mismatched)} keys match by name but differ in shape (e.g. "
             f"{'; '.join(shown)}). The file's network was built with other settings (sizes, "
             "patch size, dimensions): configure the backbone it was trained with."
         )
     if not report.loaded:
-        raise ValueError(
+        raise InputError(
             f"no checkpoint key matched the model (by name and shape) from {report.source}, "
             f"tried prefixes {list(tried)}. Checkpoint keys: "
             f"{_fmt([name for name, _ in ckpt.values()])}; model keys: {_fmt(list(target))}."
@@ -406,7 +407,7 @@ def load_weights(
     report, tensors = _plan(ckpt, target, prefix, source, is_skipped)
     _require_match(report, ckpt, target, candidates)
     if strict and not report.complete:
-        raise ValueError(f"strict loading failed: {report}")
+        raise InputError(f"strict loading failed: {report}")
     _apply(model, target, report, tensors)
     return report
 
@@ -452,7 +453,7 @@ def load_encoder_weights(
                             source, never)
     _require_match(report, ckpt, target, candidates)
     if strict and (report.missing or report.mismatched):
-        raise ValueError(f"not every encoder key could be loaded: {report}")
+        raise InputError(f"not every encoder key could be loaded: {report}")
     _apply(encoder, target, report, tensors)
     return report
 
@@ -528,7 +529,7 @@ def load_segmenter_weights(
     report.prefix = ", ".join(f"{part[:-1]} {cut(part, prefix)!r}" for part, prefix, _ in parts)
     _require_match(report, ckpt, target, [p for _, p, _ in parts])
     if strict and not report.complete:
-        raise ValueError(f"strict loading failed: {report}")
+        raise InputError(f"strict loading failed: {report}")
     _apply(model, target, report, tensors)
     return report
 
@@ -557,7 +558,7 @@ def load_backbone(path: str | Path, **overrides: Any) -> tuple[nn.Module, LoadRe
             config = hparams["backbone_config"]
         prefixes = ["teacher_backbone."]
     if not isinstance(config, Mapping) or "name" not in config:
-        raise ValueError(
+        raise InputError(
             f"{path} ({kind}) does not say how to rebuild the architecture (no 'backbone_config' "
             "with a 'name'). Build the model yourself and pass it to load_weights(model, path)."
         )
@@ -602,6 +603,6 @@ def check_backbone_config(what: str, stored: Mapping, configured: Mapping) -> No
     else:
         fix = " ".join(f"backbone.{k}={json.dumps(stored[k]).replace(' ', '')}"
                        for k in differ if k in stored)
-    raise ValueError(f"{what} holds a backbone built with other settings: {listed}. Configure "
+    raise InputError(f"{what} holds a backbone built with other settings: {listed}. Configure "
                      f"the file's backbone, e.g. `{fix}` (a ViT interpolates its position "
                      "embeddings, so resize_to may still differ from img_size)")

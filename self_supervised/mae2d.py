@@ -6,14 +6,14 @@ Configuration: ``configs/mae2d.yaml`` (``batch_size=64 mae_cfg.cuboid_size=[16,1
 import hydra
 from omegaconf import DictConfig
 
-from medssl.run import register_configs, run
+from medssl.run import register_configs, run_script
 
 register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="mae2d")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    run_script(cfg)
 
 
 if __name__ == "__main__":

@@ -6,14 +6,14 @@ Configuration: ``configs/mae3d.yaml`` (``backbone=unet3d mae_cfg.mask_percentage
 import hydra
 from omegaconf import DictConfig
 
-from medssl.run import register_configs, run
+from medssl.run import register_configs, run_script
 
 register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="mae3d")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    run_script(cfg)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 from medssl.data.datamodule import CohortDataModule
 from medssl.data.pipeline import IMAGE, Preprocessing
 from medssl.data.table import Cohort, CohortError, category_order, fail, is_missing
+from medssl.errors import InputError
 from medssl.models.classifier import Classifier
 from medssl.models.metrics import classification_report
 from medssl.models.weights import (
@@ -118,7 +119,7 @@ def label_subset(rows: list[dict], fraction: float, target: str, seed: int) -> l
     """A seeded subset of ``fraction`` of ``rows``, stratified by ``target`` (an empty value
     is its own stratum), in the original row order."""
     if not 0 < fraction <= 1:
-        raise ValueError(f"label_fraction must be in (0, 1], got {fraction}")
+        raise InputError(f"label_fraction must be in (0, 1], got {fraction}")
     if fraction == 1:
         return rows
     strata = [r[target] if not is_missing(r[target]) else "" for r in rows]
@@ -126,7 +127,7 @@ def label_subset(rows: list[dict], fraction: float, target: str, seed: int) -> l
         keep, _ = train_test_split(list(range(len(rows))), train_size=fraction,
                                    stratify=strata, random_state=seed)
     except ValueError as err:
-        raise ValueError(f"label_fraction={fraction} of {len(rows)} training rows cannot keep "
+        raise InputError(f"label_fraction={fraction} of {len(rows)} training rows cannot keep "
                          f"every {target} class ({err})") from err
     return [rows[i] for i in sorted(keep)]
 
@@ -190,9 +191,9 @@ class ClassificationData(CohortDataModule):
                  classes: Mapping[str, Sequence[str]] | None = None,
                  on_bad_sample: str = "error") -> None:
         if not cls_targets:
-            raise ValueError("cls_targets must name at least one target column")
+            raise InputError("cls_targets must name at least one target column")
         if not 0 < label_fraction <= 1:
-            raise ValueError(f"label_fraction must be in (0, 1], got {label_fraction}")
+            raise InputError(f"label_fraction must be in (0, 1], got {label_fraction}")
         # Targets are encoded here, not by the cohort reader: classes come from the training
         # rows only, and empty cells are allowed (masked loss).
         super().__init__(csv_path, "classification", splits=splits, settings=settings,
@@ -308,7 +309,7 @@ def balanced_weights(labels: Mapping[str, np.ndarray], classes: Mapping[str, Seq
         y = labels[target][labels[target] >= 0]
         absent = [names[c] for c in range(len(names)) if c not in set(y.tolist())]
         if absent:
-            raise ValueError(f"class_weights=balanced: {target} classes {absent} have no "
+            raise InputError(f"class_weights=balanced: {target} classes {absent} have no "
                              "training row (label_fraction too small?); use class_weights=none")
         out[target] = compute_class_weight("balanced", classes=np.arange(len(names)),
                                            y=y).tolist()
@@ -346,7 +347,7 @@ def _read(path: str | Path, trust: bool, pretrained: bool = False) -> Mapping:
     obj = load_file(path, trust and not pretrained,
                     unsafe_hint=RESAVE_HINT if pretrained else TRUST_HINT)
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a checkpoint")
+        raise InputError(f"{path} holds a {type(obj).__name__}, not a checkpoint")
     return obj
 
 
@@ -362,7 +363,7 @@ class ClassificationTask(Task):
             hparams = _read(cfg.test_ckpt, cfg.trust_checkpoint).get("hyper_parameters", {})
             classes = hparams.get("classes")
             if classes is None:
-                raise ValueError(f"test_ckpt={cfg.test_ckpt} is not a classification "
+                raise InputError(f"test_ckpt={cfg.test_ckpt} is not a classification "
                                  "checkpoint of ours (no class encoding in its hyper_parameters)")
         look_up_option(cfg.train_mode, ("finetune", "linear"))
         augment = {}
@@ -403,26 +404,26 @@ class ClassificationTask(Task):
         configured pooling, feature norm and classes (the run layer's ``check_fits`` compares
         its backbone settings, as for every script)."""
         if "classes" not in hparams:
-            raise ValueError(f"{path} is not a classification checkpoint of ours (no class "
+            raise InputError(f"{path} is not a classification checkpoint of ours (no class "
                              "encoding in its hyper_parameters); to start from another "
                              "script's weights use dino_weights=, mae_weights= or "
                              "suprem_weights=")
         # Checkpoints from before the option pooled the CLS token.
         pooling = hparams.get("pooling", "cls")
         if pooling != module.hparams.pooling:
-            raise ValueError(f"{path} was trained with pooling={pooling}, but "
+            raise InputError(f"{path} was trained with pooling={pooling}, but "
                              f"pooling={module.hparams.pooling} is configured: set "
                              f"pooling={pooling} (the heads read those features)")
         # Checkpoints from before the option had it in linear mode only.
         norm = hparams.get("feature_norm", False) or hparams.get("train_mode") == "linear"
         if norm != (module.hparams.feature_norm or module.linear):
-            raise ValueError(f"{path} was trained with feature_norm={norm}, but "
+            raise InputError(f"{path} was trained with feature_norm={norm}, but "
                              f"feature_norm={module.hparams.feature_norm} is configured "
                              f"(train_mode={module.hparams.train_mode}): set "
                              f"feature_norm={norm}")
         classes = hparams.get("classes")
         if classes is not None and _plain_json(classes) != _plain_json(module.hparams.classes):
-            raise ValueError(f"{path} was trained with classes {classes}, but the training rows "
+            raise InputError(f"{path} was trained with classes {classes}, but the training rows "
                              f"of this CSV give {dict(module.hparams.classes)}")
 
     def load_pretrained(self, module: L.LightningModule, source: WeightSource) -> LoadReport:

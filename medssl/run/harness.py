@@ -20,11 +20,13 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.errors import CompactHydraException
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from medssl.data.table import write_bad_rows
+from medssl.errors import InputError, MissingFileError
 from medssl.models.batchnorm import PreciseBatchNorm
 from medssl.models.weights import (
     RESAVE_HINT,
@@ -37,7 +39,7 @@ from medssl.models.weights import (
 )
 from medssl.run.checkpoints import checkpoint_callbacks
 from medssl.run.config import WEIGHT_SOURCES, plain
-from medssl.run.guards import FiniteLossCheck
+from medssl.run.guards import FiniteLossCheck, NonFiniteLossError
 from medssl.run.loggers import EpochProgressBar, build_loggers
 from medssl.run.seeding import EpochSeed
 from medssl.run.tasks import get_task
@@ -105,7 +107,7 @@ def weight_source(cfg: DictConfig) -> WeightSource | None:
     """
     given = [key for key in WEIGHT_SOURCES if cfg.get(key) is not None]
     if len(given) > 1:
-        raise ValueError(
+        raise InputError(
             f"at most one weight source may be set, got {', '.join(given)}: pretrained weights "
             "(dino_weights, mae_weights, suprem_weights/baseline_weights) start a new run, "
             "resume_training_from continues one, test_ckpt evaluates one")
@@ -113,7 +115,7 @@ def weight_source(cfg: DictConfig) -> WeightSource | None:
         return None
     path = Path(cfg[given[0]])
     if not path.is_file():
-        raise FileNotFoundError(f"{given[0]}={path}: no such file")
+        raise MissingFileError(f"{given[0]}={path}: no such file")
     return WeightSource(given[0], path)
 
 
@@ -137,7 +139,7 @@ def check_fits(path: Path, key: str, task: Task, module: L.LightningModule,
     what = f"{key}={path}"
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict)
             and "pytorch-lightning_version" in ckpt):
-        raise ValueError(f"{what} is not a checkpoint of a run (a .ckpt in a run's "
+        raise InputError(f"{what} is not a checkpoint of a run (a .ckpt in a run's "
                          "checkpoints/ folder); to start from exported weights use "
                          "dino_weights=, mae_weights= or suprem_weights=")
     backbone = attrgetter(task.export_attr)(module) if task.export_attr else None
@@ -155,7 +157,7 @@ def check_fits(path: Path, key: str, task: Task, module: L.LightningModule,
     parts = [f"{len(found)} {name} (e.g. {', '.join(found[:3])})" for name, found in
              (("keys of this model missing", missing), ("keys this model lacks", unexpected),
               ("shape mismatches", mismatched)) if found]
-    raise ValueError(f"{what} does not fit this {task.name} run: {'; '.join(parts)}. Is it a "
+    raise InputError(f"{what} does not fit this {task.name} run: {'; '.join(parts)}. Is it a "
                      "checkpoint of another script, or of a run with other settings?")
 
 
@@ -303,7 +305,7 @@ def precise_bn(cfg: DictConfig, forward: Callable[[nn.Module, Any], Any]) -> lis
     """The PreciseBN callback for ``cfg.precise_bn_batches`` (0: none; it acts only on
     networks with batch norms). ``forward`` runs the module on one training batch."""
     if cfg.precise_bn_batches < 0:
-        raise ValueError(f"precise_bn_batches must be >= 0 (0 disables), got "
+        raise InputError(f"precise_bn_batches must be >= 0 (0 disables), got "
                          f"{cfg.precise_bn_batches}")
     return [PreciseBatchNorm(forward, cfg.precise_bn_batches)] if cfg.precise_bn_batches else []
 
@@ -336,7 +338,7 @@ def build_trainer(cfg: DictConfig, task: Task, callbacks: list[L.Callback],
     interrupted run wrote past it, so replayed steps are not shown twice.
     """
     if cfg.monitor_mode not in MONITOR_MODES:
-        raise ValueError(f"monitor_mode must be one of {MONITOR_MODES}, got {cfg.monitor_mode!r}")
+        raise InputError(f"monitor_mode must be one of {MONITOR_MODES}, got {cfg.monitor_mode!r}")
     monitor = cfg.monitor if cfg.get("val_folds") else None
     callbacks = [*callbacks, *checkpoint_callbacks(
         run_dir(cfg) / "checkpoints", monitor, cfg.monitor_mode, cfg.save_top_k,
@@ -357,7 +359,7 @@ def build_trainer(cfg: DictConfig, task: Task, callbacks: list[L.Callback],
     extra = plain(cfg.trainer)
     clash = {k: owned[k] for k in extra if k in owned}
     if clash:
-        raise ValueError("trainer: set these through their own config keys instead: "
+        raise InputError("trainer: set these through their own config keys instead: "
                          + ", ".join(f"trainer.{k} -> {v}" for k, v in clash.items()))
     # Defaults the ``trainer:`` group may override (e.g. +trainer.log_every_n_steps=50).
     defaults = {
@@ -381,7 +383,7 @@ def run(cfg: DictConfig) -> L.Trainer:
     task = get_task(cfg.task)
     source = weight_source(cfg)  # fails early on conflicting options
     if source is not None and source.key == "test_ckpt" and not task.has_test:
-        raise ValueError(f"test_ckpt: {task.name} has no test stage")
+        raise InputError(f"test_ckpt: {task.name} has no test stage")
     resume = resume_checkpoint(cfg, source)
     resume_step = check_loadable(resume, cfg.trust_checkpoint) if resume is not None else 0
     if source is not None and source.path != resume:
@@ -428,3 +430,18 @@ def run(cfg: DictConfig) -> L.Trainer:
                             weights_only=weights_only, return_predictions=False)
     log.info("Results in %s", run_dir(cfg))
     return trainer
+
+
+class ReportedError(CompactHydraException):
+    """An input error that Hydra prints as its message alone."""
+
+
+def run_script(cfg: DictConfig) -> None:
+    """``run`` for the entry scripts: an input error (a bad option, CSV row, volume or weight
+    file) or a non-finite loss prints its message without a traceback and exits with status 1;
+    any other error keeps its traceback. ``HYDRA_FULL_ERROR=1`` shows every traceback.
+    """
+    try:
+        run(cfg)
+    except (InputError, NonFiniteLossError) as error:
+        raise ReportedError(f"Error: {error}") from error

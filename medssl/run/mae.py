@@ -16,6 +16,7 @@ from omegaconf import MISSING, DictConfig
 
 from medssl.data.datamodule import CohortDataModule
 from medssl.data.pipeline import IMAGE
+from medssl.errors import InputError
 from medssl.models.mae import MaskedAutoencoder, cuboid_grid, n_masked
 from medssl.run.config import RunConfig, backbone_config, kwargs_for, plain, schema
 from medssl.run.dino import preprocessing
@@ -60,7 +61,7 @@ def input_size(cfg: DictConfig) -> tuple[int, ...]:
     """
     dims = cfg.backbone.spatial_dims
     if cfg.resize_to is None or len(cfg.resize_to) != dims:
-        raise ValueError(f"resize_to must give {dims} sizes for {dims}D MAE (the masking grid "
+        raise InputError(f"resize_to must give {dims} sizes for {dims}D MAE (the masking grid "
                          f"is laid out for a fixed input size), got {cfg.resize_to}")
     size = tuple(cfg.resize_to)
     n_masked(math.prod(cuboid_grid(size, plain(cfg.mae_cfg.cuboid_size))),
@@ -74,10 +75,10 @@ def augmentations(size: Sequence[int], crop_scale: Sequence[float],
     back to ``size``, and random flips along ``flip_axes``."""
     low, high = crop_scale
     if not 0 < low <= high <= 1:
-        raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {list(crop_scale)}")
+        raise InputError(f"crop_scale must satisfy 0 < min <= max <= 1, got {list(crop_scale)}")
     bad = [a for a in flip_axes if not 0 <= a < len(size)]
     if bad:
-        raise ValueError(f"flip_axes {list(flip_axes)}: axes must be in 0..{len(size) - 1}")
+        raise InputError(f"flip_axes {list(flip_axes)}: axes must be in 0..{len(size) - 1}")
     steps: list[Callable] = []
     if low < 1:
         steps += [RandScaleCropd(IMAGE, roi_scale=low, max_roi_scale=high, random_size=True),

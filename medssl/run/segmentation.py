@@ -24,6 +24,7 @@ from medssl.data.io import is_nifti
 from medssl.data.pipeline import Preprocessing
 from medssl.data.seg_transforms import SliceDimd, check_label_values, segmentation_augment
 from medssl.data.table import Cohort, read_cohort
+from medssl.errors import InputError
 from medssl.models.segmentation import METRICS, SegmentationModule
 from medssl.models.weights import LoadReport, load_encoder_weights, load_segmenter_weights
 from medssl.run.config import RunConfig, backbone_config, kwargs_for, plain, schema
@@ -80,7 +81,7 @@ def labelled_subset(patient_ids: list[str], fraction: float, seed: int) -> set[s
     """A seeded ``fraction`` of the subjects (at least one); the subjects of a smaller
     fraction are a subset of a larger one's (one permutation, cut at different lengths)."""
     if not 0 < fraction <= 1:
-        raise ValueError(f"label_fraction must be in (0, 1], got {fraction}")
+        raise InputError(f"label_fraction must be in (0, 1], got {fraction}")
     subjects = sorted(set(patient_ids))
     order = np.random.default_rng(seed).permutation(len(subjects))
     n = max(1, round(fraction * len(subjects)))
@@ -234,9 +235,9 @@ class SegmentationTask(Task):
 
     def build_data(self, cfg: DictConfig) -> SegmentationData:
         if cfg.spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {cfg.spatial_dims}")
+            raise InputError(f"spatial_dims must be 2 or 3, got {cfg.spatial_dims}")
         if cfg.spatial_dims == 2 and cfg.resize_to is not None:
-            raise ValueError("resize_to must be null with spatial_dims=2: slices are trained in "
+            raise InputError("resize_to must be null with spatial_dims=2: slices are trained in "
                              "patches of patch_size at their own resolution, and validation and "
                              "test segment whole volumes slice by slice")
         if cfg.test_ckpt is not None:  # evaluation only: no training data to load

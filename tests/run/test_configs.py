@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -67,3 +69,42 @@ def test_type_error_from_the_command_line_names_the_key() -> None:
                              "batch_size=abc"], capture_output=True, text=True, cwd=REPO)
     assert result.returncode != 0
     assert "full_key: batch_size" in result.stderr and "Traceback" not in result.stderr
+
+
+ENTRY_SCRIPTS = sorted([*(REPO / "self_supervised").glob("[!_]*.py"),
+                        *(REPO / "downstream").glob("[!_]*.py")])
+
+
+def test_an_input_error_prints_its_message_without_a_traceback(tmp_path: Path) -> None:
+    csv = tmp_path / "cohort.csv"
+    csv.write_text("PatientID,path,fold,sex\nA,/no/such/volume.nii.gz,train,1\n")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "downstream" / "classification.py"), f"csv_path={csv}",
+         "cls_targets=[sex]", f"results_dir={tmp_path}"],
+        capture_output=True, text=True, cwd=REPO, env={**os.environ, "HYDRA_FULL_ERROR": ""})
+    assert result.returncode == 1
+    assert ("Error: " in result.stderr and "line 2 (PatientID A): path /no/such/volume.nii.gz "
+            "does not exist" in result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_run_script_reports_input_errors_and_keeps_other_tracebacks(monkeypatch) -> None:
+    from hydra.errors import CompactHydraException
+
+    from medssl.errors import InputError
+    from medssl.run import harness
+    from medssl.run.guards import NonFiniteLossError
+
+    for error in (InputError("bad row"), NonFiniteLossError("loss is nan")):
+        monkeypatch.setattr(harness, "run", lambda cfg, e=error: (_ for _ in ()).throw(e))
+        with pytest.raises(CompactHydraException, match=f"^Error: {error}$") as caught:
+            harness.run_script(OmegaConf.create())
+        assert caught.value.__cause__ is error  # HYDRA_FULL_ERROR=1 shows the original
+    monkeypatch.setattr(harness, "run", lambda cfg: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # a bug is not dressed up as an input error
+        harness.run_script(OmegaConf.create())
+
+
+@pytest.mark.parametrize("script", ENTRY_SCRIPTS, ids=lambda p: p.stem)
+def test_every_entry_script_runs_through_run_script(script: Path) -> None:
+    assert re.search(r"^    run_script\(cfg\)$", script.read_text(), re.M)
