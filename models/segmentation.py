@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
@@ -295,13 +296,18 @@ class SegmentationModule(L.LightningModule):
     def _evaluate(self, batch: dict, stage: str) -> tuple[Tensor, dict[str, Tensor]]:
         logits, pred = self._predict(batch)
         label = batch["label"]
-        loss = _plain(self.criterion(logits, label))
-        self.log(f"{stage}/loss", loss, batch_size=label.shape[0], sync_dist=True)
         metrics = case_metrics(pred, label, self.hparams.num_classes,
                                self._spacing(batch, pred.ndim - 1), self.hparams.hd95)
         metrics = {key: _plain(value) for key, value in metrics.items()}
-        for key, value in metrics.items():
-            self._cases.setdefault(key, []).append(value.float())
+        n = label.shape[0]
+        index = batch.get("case_index")
+        per_case = {"loss": torch.stack([_plain(self.criterion(logits[b:b + 1], label[b:b + 1]))
+                                         for b in range(n)]),
+                    "index": torch.full((n,), -1) if index is None
+                    else torch.as_tensor(index).reshape(n)}
+        for key, value in (metrics | per_case).items():
+            self._cases.setdefault(key, []).append(
+                value.long() if key == "index" else value.float())
         return pred, metrics
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -323,20 +329,27 @@ class SegmentationModule(L.LightningModule):
         return self._predict(batch)[1].to(torch.int16).cpu()
 
     def _log_cases(self, stage: str) -> None:
-        """Mean over cases (all devices) per class and over classes; NaNs are skipped, and
-        the Hausdorff distance is not logged when it is switched off (``hd95=false``)."""
+        """Means over cases (all devices) of the loss and, per class and over classes, of the
+        Dice (and HD95 unless ``hd95=false``); NaNs are skipped. Under DDP the sampler pads
+        the devices' shares with repeated cases: each ``case_index`` is counted once."""
         if not self._cases:
             return
         cases = {k: torch.cat(v) for k, v in self._cases.items()}
         self._cases = {}
-        log = {}
+        cases = {k: self.all_gather(v).reshape(-1, *v.shape[1:]) for k, v in cases.items()}
+        index = cases.pop("index").cpu().numpy()
+        if (index >= 0).all():  # items without a case_index (no data module): kept as they are
+            first = torch.as_tensor(np.unique(index, return_index=True)[1], dtype=torch.long)
+            cases = {k: v[first.to(v.device)] for k, v in cases.items()}
+        log = {f"{stage}/loss": cases["loss"].mean()}
         for key in ("dice", "hd95") if self.hparams.hd95 else ("dice",):
-            values = self.all_gather(cases[key]).reshape(-1, cases[key].shape[-1])
-            per_class = values.nanmean(0)
+            per_class = cases[key].nanmean(0)
             log[f"{stage}/{key}"] = per_class.nanmean()
             log |= {f"{stage}/{key}_{c + 1}": v for c, v in enumerate(per_class)}
-        self.log_dict(log, prog_bar=False)
-        self.log(f"{stage}_dice", log[f"{stage}/dice"], prog_bar=True, logger=False)
+        # Every device holds the same gathered values; sync_dist only averages equal numbers.
+        self.log_dict(log, prog_bar=False, sync_dist=True)
+        self.log(f"{stage}_dice", log[f"{stage}/dice"], prog_bar=True, logger=False,
+                 sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._log_cases("val")

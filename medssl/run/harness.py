@@ -428,7 +428,8 @@ def run(cfg: DictConfig) -> L.Trainer:
         if predict is not None:
             trainer.predict(module, datamodule=predict, ckpt_path=ckpt,
                             weights_only=weights_only, return_predictions=False)
-    log.info("Results in %s", run_dir(cfg))
+    if trainer.is_global_zero:
+        log.info("Results in %s", run_dir(cfg))
     return trainer
 
 

@@ -103,13 +103,16 @@ class SegmentationData(CohortDataModule):
         self._checked = False
 
     def select(self, name: str, items: list[dict], cohort: Cohort) -> list[dict]:
-        """Label values checked (once, every selected row) and the training subjects cut to
-        ``label_fraction``, before anything is cached."""
+        """Label values checked (once, every selected row), the training subjects cut to
+        ``label_fraction`` and every evaluation case numbered (``case_index``), before
+        anything is cached."""
         if not self._checked:
             rows = {r["row"]: r for folds in self.splits.values() if folds
                     for r in cohort.select(folds)}
             check_label_values(list(rows.values()), self.num_classes, cohort.csv_path)
             self._checked = True
+        if name != "train":  # whole-volume cases, each counted once in DDP metrics
+            items = [{**item, "case_index": i} for i, item in enumerate(items)]
         if name == "train" and self.label_fraction < 1:
             subjects = {item["PatientID"] for item in items}
             keep = labelled_subset(list(subjects), self.label_fraction, self.seed)
@@ -182,6 +185,8 @@ class SegmentationWriter(L.Callback):
             torch.distributed.all_gather_object(gathered, rows)
             # The sampler pads ranks to equal length by repeating cases: keep each once.
             rows = list({(r["row"], r["class"]): r for part in gathered for r in part}.values())
+            lines = trainer.datamodule.cohort.lines  # in CSV order, as with one device
+            rows.sort(key=lambda r: (lines.get(r["row"], 0), r["class"]))
         if not trainer.is_global_zero or not self.save_test or not rows:
             return
         self.test_dir.mkdir(parents=True, exist_ok=True)

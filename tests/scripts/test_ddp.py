@@ -13,8 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from medssl.models.weights import load_backbone
 from tests.conftest import REPO
@@ -27,18 +29,40 @@ CASES = [
                  [*(o for o in TINY_CLS if not o.startswith(("devices=", "val_folds=",
                                                              "test_folds="))),
                   "val_folds=[4]", "test_folds=[3]"], id="classification"),
+    # 3 validation and 3 test volumes: each rank's share is padded with a repeated case.
     pytest.param("downstream/segmentation.py", "seg_demo", "segmentation_csv",
-                 [o for o in TINY_SEG if not o.startswith("devices=")], id="segmentation"),
+                 [*(o for o in TINY_SEG if not o.startswith(("devices=", "batch_size="))),
+                  "batch_size=1"], id="segmentation"),
 ]
+SEGMENTATION_FOLDS = ["train", "train", "val", "val", "val", "test", "test", "test"]
+
+
+def _scalar(folder: Path, tag: str) -> float:
+    """The last value of a TensorBoard scalar in the run's event files."""
+    values = []
+    for path in sorted(folder.rglob("events.out.tfevents*")):
+        events = EventAccumulator(str(path))
+        events.Reload()
+        if tag in events.Tags()["scalars"]:
+            values += [e.value for e in events.Scalars(tag)]
+    return values[-1]
 
 
 @pytest.mark.parametrize(("script", "experiment", "csv", "tiny"), CASES)
 def test_two_cpu_processes_write_one_set_of_outputs(demo, tmp_path: Path, script: str,
                                                     experiment: str, csv: str,
                                                     tiny: list[str]) -> None:
+    csv_path = Path(getattr(demo, csv))
+    if experiment == "seg_demo":
+        table = pd.read_csv(csv_path)
+        for column in ("img_path", "seg_path"):
+            table[column] = [str(csv_path.parent / p) for p in table[column]]
+        table["fold"] = SEGMENTATION_FOLDS
+        csv_path = tmp_path.parent / f"{tmp_path.name}_odd_folds.csv"
+        table.to_csv(csv_path, index=False)
     result = subprocess.run(
         [sys.executable, str(REPO / script), *tiny, "devices=2", "n_epochs=1",
-         f"results_dir={tmp_path}", f"csv_path={getattr(demo, csv)}"],
+         f"results_dir={tmp_path}", f"csv_path={csv_path}"],
         capture_output=True, text=True, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     # cache=memory: each rank knew its rank before setup and cached only its share.
@@ -48,7 +72,14 @@ def test_two_cpu_processes_write_one_set_of_outputs(demo, tmp_path: Path, script
     assert [p.name for p in tmp_path.iterdir()] == [experiment]  # one run folder
     metrics = list(out.rglob("metrics.json"))
     assert len(metrics) == 1, metrics
-    assert json.loads(metrics[0].read_text())  # a complete, parseable report
+    report = json.loads(metrics[0].read_text())  # a complete, parseable report
+    if experiment == "seg_demo":
+        # The logged test Dice counts each case once, as the per-case report does (the padded
+        # repeat used to count twice); metrics.csv lists the cases in CSV order.
+        assert report["n_cases"] == 3
+        assert _scalar(out, "test/dice") == pytest.approx(report["dice"], abs=1e-6)
+        cases = pd.read_csv(metrics[0].parent / "metrics.csv")
+        assert list(dict.fromkeys(cases.PatientID)) == ["DEMO006", "DEMO007", "DEMO008"]
     assert [p.relative_to(out) for p in out.rglob("backbone.pt")] == [Path("backbone.pt")]
     _, report = load_backbone(out / "backbone.pt")
     assert report.complete
