@@ -23,7 +23,8 @@ DINO_EXPORT := results/dino_demo/backbone.pt
 SEG_DEMO := n_epochs=6 hd95=false
 demo: install
 	$(VENV)/bin/medssl-demo demo_data
-	$(VENV)/bin/medssl-inspect demo_data/ssl.csv
+	$(VENV)/bin/medssl-inspect demo_data/classification.csv
+	$(VENV)/bin/medssl-inspect demo_data/segmentation.csv
 	$(PY) self_supervised/dino.py
 	$(PY) downstream/classification.py experiment=cls_dino dino_weights=$(DINO_EXPORT)
 	$(PY) downstream/classification.py experiment=cls_scratch

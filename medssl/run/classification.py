@@ -386,7 +386,7 @@ class ClassificationTask(Task):
             if cfg.class_weights == "balanced":
                 weights = balanced_weights(labels, data.classes)
         source = weight_source(cfg)
-        checkpoint = cfg.test_ckpt or resume_checkpoint(cfg, source)
+        checkpoint = cfg.test_ckpt or resume_checkpoint(cfg, source, announce=False)
         hparams = ({} if checkpoint is None else
                    _read(checkpoint, cfg.trust_checkpoint).get("hyper_parameters", {}))
         module = Classifier(**kwargs_for(

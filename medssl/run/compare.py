@@ -28,7 +28,8 @@ def read_metrics(run_dir: str | Path) -> dict:
     """The newest ``metrics.json`` below ``run_dir``."""
     found = sorted(Path(run_dir).rglob("metrics.json"), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise FileNotFoundError(f"{run_dir}: no metrics.json (has the run's test stage run?)")
+        raise FileNotFoundError(f"{run_dir}: no metrics.json (classification and segmentation "
+                                "runs write one in their test stage)")
     return json.loads(found[-1].read_text())
 
 
@@ -52,7 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dirs", nargs="+", help="results_dir/experiment folders")
     args = parser.parse_args(argv)
-    print(table(args.run_dirs))
+    try:
+        print(table(args.run_dirs))
+    except FileNotFoundError as error:  # a DINO/MAE run or a mistyped folder
+        parser.exit(2, f"error: {error}\n")
     return 0
 
 

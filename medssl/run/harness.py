@@ -161,24 +161,28 @@ def check_fits(path: Path, key: str, task: Task, module: L.LightningModule,
                      "checkpoint of another script, or of a run with other settings?")
 
 
-def resume_checkpoint(cfg: DictConfig, source: WeightSource | None) -> Path | None:
-    """The checkpoint to resume: ``resume_training_from``, else this experiment's last.ckpt.
+def resume_checkpoint(cfg: DictConfig, source: WeightSource | None,
+                      announce: bool = True) -> Path | None:
+    """The checkpoint to resume: ``resume_training_from``, else this experiment's last.ckpt
+    (not in a ``fast_dev_run`` debug run, which saves no checkpoints).
 
     Re-running the command of an interrupted run resumes it, even when that command names
-    pretrained weights: the checkpoint already holds weights trained from them.
+    pretrained weights: the checkpoint already holds weights trained from them. ``announce``
+    logs which file is resumed.
     """
     if source is not None and source.key == "resume_training_from":
         return source.path
     if source is not None and source.key == "test_ckpt":
         return None
     last = run_dir(cfg) / "checkpoints" / "last.ckpt"
-    if not last.is_file():
+    if not last.is_file() or plain(cfg.trainer).get("fast_dev_run"):
         return None
-    if source is not None:
-        log.info("%s is not loaded: resuming from %s, which continues a run that started "
-                 "from it", source.key, last)
-    else:
-        log.info("Resuming the interrupted run from %s", last)
+    if announce and source is not None:
+        log.info("%s is not loaded: continuing from %s, a run that started from it (a "
+                 "finished run trains no further)", source.key, last)
+    elif announce:
+        log.info("Continuing this experiment from %s (an interrupted run resumes training, a "
+                 "finished one trains no further)", last)
     return last
 
 

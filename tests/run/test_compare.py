@@ -24,6 +24,10 @@ def test_runs_side_by_side(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     assert lines[2].split() == ["cls_scratch", "0.620", "-", "0.500"]
 
 
-def test_run_without_metrics_is_named(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="seg_scratch: no metrics.json"):
-        main([str(tmp_path / "seg_scratch")])
+def test_run_without_metrics_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "dino_demo")])
+    assert exit_.value.code == 2  # a one-line error, no traceback
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'dino_demo'}: no metrics.json "
+                                       "(classification and segmentation runs write one in "
+                                       "their test stage)\n")

@@ -14,8 +14,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from medssl.run.checkpoints import BEST_EXPORT, checkpoint_callbacks
-from medssl.run.harness import check_loadable, run_lock, weight_source
-from tests.conftest import REPO
+from medssl.run.harness import check_loadable, resume_checkpoint, run_lock, weight_source
+from tests.conftest import REPO, compose
 
 SOURCES = ["dino_weights", "mae_weights", "suprem_weights", "baseline_weights",
            "resume_training_from", "test_ckpt"]
@@ -203,3 +203,18 @@ def test_precision_auto_is_bf16_only_on_gpus_that_support_it(monkeypatch) -> Non
     assert harness.resolve_precision("auto", "cpu") == "32-true"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert harness.resolve_precision("auto", "gpu") == "32-true"
+
+
+@pytest.mark.parametrize("script", ["dino", "mae3d", "classification", "segmentation"])
+def test_debug_fdr_keeps_out_of_real_runs(script: str, tmp_path: Path) -> None:
+    """``debug=fdr`` writes to its own folder and never resumes a last.ckpt (a finished run's
+    would make Lightning refuse max_epochs=1)."""
+    real = compose(script, ["csv_path=x", f"results_dir={tmp_path}"])
+    debug = compose(script, ["csv_path=x", f"results_dir={tmp_path}", "debug=fdr"])
+    assert debug.experiment == f"{real.task}_fdr" != real.experiment
+    for cfg in (real, debug):
+        last = tmp_path / cfg.experiment / "checkpoints" / "last.ckpt"
+        last.parent.mkdir(parents=True)
+        last.touch()
+    assert resume_checkpoint(real, None) == tmp_path / real.experiment / "checkpoints/last.ckpt"
+    assert resume_checkpoint(debug, None) is None
