@@ -81,9 +81,12 @@ def clip_per_parameter(parameters: list[nn.Parameter], max_norm: float) -> Tenso
 
 def dino_cross_entropy(teacher_probs: Tensor, student_out: Tensor, student_temp: float) -> Tensor:
     """DINO's loss: mean cross-entropy of every teacher view (T, B, K) probabilities against
-    every student view (S, B, K) logits, the same view index excluded."""
-    s_logp = F.log_softmax(student_out / student_temp, dim=-1)
-    terms = -torch.einsum("tbk,sbk->ts", teacher_probs, s_logp)
+    every student view (S, B, K) logits, the same view index excluded. Computed in fp32 under
+    any autocast, as in DINO's code (autocast would run the einsum in bf16 and round the loss
+    by ~0.03 near ln K)."""
+    with torch.autocast(student_out.device.type, enabled=False):
+        s_logp = F.log_softmax(student_out.float() / student_temp, dim=-1)
+        terms = -torch.einsum("tbk,sbk->ts", teacher_probs.float(), s_logp)
     mask = torch.ones_like(terms)
     n = min(terms.shape)
     mask[range(n), range(n)] = 0
@@ -265,7 +268,9 @@ class DINO(L.LightningModule):
         teacher_out = torch.stack(teacher_out)
         student_out, student_feats = self._student(crops)
         targets = self.teacher_probs(teacher_out, sched["teacher_temp"])
-        loss = dino_cross_entropy(targets, torch.stack(student_out), self.hparams.student_temp)
+        dino_loss = dino_cross_entropy(targets, torch.stack(student_out),
+                                       self.hparams.student_temp)
+        loss = dino_loss
         # The centre moves once per optimizer step (after it), from the micro-batches' means.
         self._pending_centers.append(teacher_out.detach().float().mean((0, 1)))
         log = {}
@@ -278,7 +283,7 @@ class DINO(L.LightningModule):
         bs = crops[0].shape[0]
         sharpened = (teacher_out - self.center) / sched["teacher_temp"]
         log |= {f"train/{k}": v for k, v in sched.items()}
-        log |= {"train/dino_loss": loss,
+        log |= {"train/dino_loss": dino_loss,  # the DINO term alone, as val/dino_loss
                 "train/embedding_spread": embedding_spread(teacher_feats),
                 "train/teacher_entropy_fraction": entropy_fraction(sharpened),
                 "train/prototype_information": prototype_information(sharpened)}
@@ -286,7 +291,7 @@ class DINO(L.LightningModule):
             views = view_agreement(*teacher_feats.chunk(n_global)[:2])
             log |= {"train/view_top1": views["top1"], "train/view_cosine": views["same"]}
         self.log_dict(log, batch_size=bs, sync_dist=True, prog_bar=False)
-        self.log("dino_loss", loss, batch_size=bs, prog_bar=True, logger=False)
+        self.log("dino_loss", dino_loss, batch_size=bs, prog_bar=True, logger=False)
         if batch_idx == 0:
             self._grid_batch = [c[:1].detach().cpu() for c in crops]
         return loss

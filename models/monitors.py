@@ -97,9 +97,10 @@ def view_agreement(a: Tensor, b: Tensor) -> dict[str, Tensor]:
     if a.ndim != 2 or a.shape != b.shape or a.shape[0] < 2:
         raise InputError(f"need two (B, D) feature sets with B >= 2, got {tuple(a.shape)} "
                          f"and {tuple(b.shape)}")
-    a = F.normalize(a.float() - a.float().mean(0), dim=-1)
-    b = F.normalize(b.float() - b.float().mean(0), dim=-1)
-    sim = a @ b.T
+    with torch.autocast(a.device.type, enabled=False):  # fp32 under bf16 training too
+        a = F.normalize(a.float() - a.float().mean(0), dim=-1)
+        b = F.normalize(b.float() - b.float().mean(0), dim=-1)
+        sim = a @ b.T
     other = ~torch.eye(len(sim), dtype=torch.bool, device=sim.device)
     hits = sim.argmax(1) == torch.arange(len(sim), device=sim.device)
     return {"same": sim.diag().mean(), "other": sim[other].mean(), "top1": hits.float().mean()}

@@ -262,7 +262,9 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     issue 11). Any other value is Lightning's own."""
     if precision != "auto":
         return precision
-    if _on_gpu(accelerator) and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+    # Native bf16 only: torch also reports pre-Ampere GPUs (V100, T4) that emulate it slowly.
+    if (_on_gpu(accelerator) and torch.cuda.is_available()
+            and torch.cuda.is_bf16_supported(including_emulation=False)):
         return "bf16-mixed"
     return "32-true"
 

@@ -474,3 +474,41 @@ def test_view_monitor_reads_the_teachers_two_global_views(tmp_path: Path) -> Non
     trainer = _trainer(tmp_path, max_steps=1)
     trainer.fit(module, _loader(4, batch_size=4))
     assert trainer.callback_metrics["train/view_cosine"].item() < 0.9
+
+
+def test_dino_loss_is_fp32_under_bf16_autocast() -> None:
+    """DINO's loss as facebookresearch/dino's DINOLoss.forward writes it (a loop over view
+    pairs, fp64 here), against ours inside the bf16 autocast that GPU training uses."""
+    from medssl.models.dino import dino_cross_entropy
+
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 8, 1024).softmax(-1)
+    student = torch.randn(6, 8, 1024)
+    total, n_terms = 0.0, 0
+    for iq, q in enumerate(teacher.double()):
+        for v, s in enumerate(student.double()):
+            if v != iq:
+                total += torch.sum(-q * torch.log_softmax(s / 0.1, dim=-1), dim=-1).mean()
+                n_terms += 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = dino_cross_entropy(teacher, student.bfloat16(), 0.1)
+    assert loss.dtype == torch.float32
+    # bf16 inputs hold ~3 significant digits; the reduction itself must add no rounding.
+    expected = dino_cross_entropy(teacher, student.bfloat16().float(), 0.1)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert dino_cross_entropy(teacher, student, 0.1).item() == pytest.approx(
+        (total / n_terms).item(), rel=1e-6)
+
+
+def test_logged_dino_loss_leaves_koleo_out(tmp_path: Path) -> None:
+    """train/dino_loss is the DINO term alone, comparable with val/dino_loss and ln(out_dim);
+    KoLeo is logged as its own term."""
+    metrics = {}
+    for weight in (0.0, 0.5):
+        module = _module(lr=1e-3, min_lr=1e-3, koleo_weight=weight)
+        trainer = _trainer(tmp_path, max_steps=1)
+        trainer.fit(module, _loader(4, batch_size=4))
+        metrics[weight] = dict(trainer.callback_metrics)
+    assert metrics[0.5]["train/koleo_loss"].abs() > 0.1
+    assert metrics[0.5]["train/dino_loss"].item() == pytest.approx(
+        metrics[0.0]["train/dino_loss"].item(), rel=1e-6)  # the same first step, KoLeo aside

@@ -203,6 +203,10 @@ def test_precision_auto_is_bf16_only_on_gpus_that_support_it(monkeypatch) -> Non
     assert harness.resolve_precision("auto", "cpu") == "32-true"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert harness.resolve_precision("auto", "gpu") == "32-true"
+    # A V100 or T4: torch reports bf16 as supported by default, through slow emulation.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation)
+    assert harness.resolve_precision("auto", "gpu") == "32-true"
 
 
 @pytest.mark.parametrize("script", ["dino", "mae3d", "classification", "segmentation"])

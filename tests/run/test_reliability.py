@@ -89,6 +89,34 @@ def test_non_finite_loss_names_the_batch_and_keeps_last_ckpt(dino_cfg: DictConfi
     assert all(torch.isfinite(v).all() for v in state.values())
 
 
+class _PoisonedGradient(_Poisoned):
+    """A finite loss whose gradient is NaN for the batch holding ``POISONED`` after epoch 0
+    (d sqrt(u) / du is inf at u = 0, times du / dw = 0)."""
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.net(batch["x"]).pow(2).mean()
+        if self.current_epoch >= 1 and POISONED in batch["PatientID"]:
+            weight = self.net.weight.sum()
+            loss = loss + torch.sqrt(weight - weight)
+        return loss
+
+
+def test_non_finite_gradient_stops_before_the_step(dino_cfg: DictConfig) -> None:
+    """Without the check, one NaN gradient made every weight NaN (the clipped total norm is
+    NaN), and the next epoch's last.ckpt and export held only NaNs."""
+    cfg = _set(dino_cfg, experiment="nan_grad", n_epochs=1, monitor="val/loss")
+    module = _PoisonedGradient()
+    build_trainer(cfg, Task(), []).fit(module, _loader(), _loader())
+    last = run_dir(cfg) / "checkpoints" / "last.ckpt"
+    before = _digest(last)
+    _set(cfg, n_epochs=3)
+    with pytest.raises(NonFiniteLossError, match="non-finite gradient in 1 parameter.*net.weight"
+                       ".* at epoch 1.*PatientID.s. P04, P05"):
+        build_trainer(cfg, Task(), []).fit(module, _loader(), _loader(), ckpt_path=last)
+    assert all(torch.isfinite(p).all() for p in module.parameters())  # no step was taken
+    assert _digest(last) == before
+
+
 def test_other_training_errors_name_the_batch(dino_cfg: DictConfig,
                                               caplog: pytest.LogCaptureFixture) -> None:
     """An error raised by a module's own check (e.g. DINO's NaN check) names the batch too."""
