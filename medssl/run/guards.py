@@ -4,7 +4,7 @@ method."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import lightning as L
 import torch
@@ -46,13 +46,13 @@ class FiniteLossCheck(L.Callback):
                            outputs: object, batch: object, batch_idx: int) -> None:
         self._batch = None
 
-    def _stop(self, trainer: L.Trainer, finite: bool, what: str) -> None:
+    def _stop(self, trainer: L.Trainer, finite: bool, what: Callable[[], str]) -> None:
         # One small all-reduce: a rank that stopped alone would leave the others waiting.
         if trainer.strategy.reduce_boolean_decision(finite, all=True):
             return
         where = _batch_rows(self._batch) or "no PatientIDs"
         when = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
-        what = (f"{what} at {when}; the batch held {where}" if not finite else
+        what = (f"{what()} at {when}; the batch held {where}" if not finite else
                 f"non-finite training loss or gradient on another process at {when} (this "
                 f"process's batch held {where})")
         raise NonFiniteLossError(
@@ -61,9 +61,8 @@ class FiniteLossCheck(L.Callback):
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            loss: torch.Tensor) -> None:
-        value = loss.detach().float().flatten()[0].item()
-        self._stop(trainer, bool(torch.isfinite(loss.detach()).all()),
-                   f"non-finite training loss ({value})")
+        self._stop(trainer, bool(torch.isfinite(loss.detach()).all()), lambda: (
+            f"non-finite training loss ({loss.detach().float().flatten()[0].item()})"))
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
@@ -75,8 +74,8 @@ class FiniteLossCheck(L.Callback):
         norms = torch.stack(torch._foreach_norm([g for _, g in named])).float()
         bad = [n for (n, _), ok in zip(named, torch.isfinite(norms).tolist(), strict=True)
                if not ok]
-        self._stop(trainer, not bad, f"non-finite gradient in {len(bad)} parameter(s) (e.g. "
-                   f"{', '.join(bad[:3])}) with a finite loss")
+        self._stop(trainer, not bad, lambda: f"non-finite gradient in {len(bad)} parameter(s) "
+                   f"(e.g. {', '.join(bad[:3])}) with a finite loss")
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
                      exception: BaseException) -> None:
