@@ -20,9 +20,8 @@ import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.networks.layers import gaussian_1d
 from monai.transforms import MapTransform, Randomizable, Transform
-from monai.utils import look_up_option
 
-from medssl.errors import InputError
+from medssl.errors import InputError, one_of
 
 PADDING_MODES = ("border", "zeros", "reflection")
 # torchvision RandomResizedCrop: tries this many random crops before falling back to the whole
@@ -147,7 +146,7 @@ class RandCropView(Randomizable, Transform):
             ("flip_prob", flip_prob), ("rotate_prob", rotate_prob),
             ("intensity_scale_prob", intensity_scale_prob), ("gamma_prob", gamma_prob),
             ("noise_prob", noise_prob), ("blur_prob", blur_prob), ("invert_prob", invert_prob))}
-        self.padding_mode = look_up_option(padding_mode, PADDING_MODES)
+        self.padding_mode = one_of("padding_mode", padding_mode, PADDING_MODES)
         self._draw: dict = {}
 
     # ----- randomness: a fixed number of draws per call ----------------------------------

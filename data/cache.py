@@ -27,14 +27,13 @@ from typing import TYPE_CHECKING
 from monai.data import Dataset, MetaTensor, PersistentDataset
 from monai.data.utils import pickle_hashing
 from monai.transforms import Compose, RandomizableTrait, Transform, apply_transform
-from monai.utils import look_up_option
 
 from medssl.data.dicom import DicomError
 from medssl.data.geometry import GEOMETRY
 from medssl.data.io import VolumeError, VolumeInfo, read_volume_info
 from medssl.data.table import is_missing, list_problems
 from medssl.data.transforms import SLICE, SLICE_AXIS
-from medssl.errors import InputError
+from medssl.errors import InputError, one_of
 
 if TYPE_CHECKING:
     from medssl.data.pipeline import Preprocessing
@@ -403,7 +402,7 @@ def build_dataset(
         memory: a memory cache to share (e.g. between splits); ``transforms`` must start
             with its steps. None makes one from the steps before the first random one.
     """
-    cache = look_up_option(cache, CACHE_MODES)
+    cache = one_of("cache", cache, CACHE_MODES)
     transforms = list(transforms)
     transform = Compose(transforms)
     if cache == "none":

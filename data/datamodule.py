@@ -11,7 +11,6 @@ import lightning as L
 import torch
 from monai.data import DataLoader, Dataset
 from monai.transforms import Randomizable
-from monai.utils import look_up_option
 from torch.utils.data import DistributedSampler, RandomSampler, default_collate
 
 from medssl.data.cache import IMAGE
@@ -24,7 +23,7 @@ from medssl.data.pipeline import (
 )
 from medssl.data.table import BadRows, Cohort
 from medssl.data.workers import AUTO, check_n_workers, loader_workers, trainer_layout, usable_cpus
-from medssl.errors import InputError
+from medssl.errors import InputError, one_of
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +127,12 @@ class CohortDataModule(L.LightningDataModule):
         super().__init__()
         augment = dict(augment or {})
         for name in [*splits, *augment, *(slices or {})]:
-            look_up_option(name, SPLITS)
+            one_of("split", name, SPLITS)
         for what, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if value is not None and value < 1:
                 raise InputError(f"{what} must be positive, got {value}")
         n_workers = check_n_workers(n_workers)
-        look_up_option(cache, CACHE_MODES)
+        one_of("cache", cache, CACHE_MODES)
         self.on_bad_sample = bad_sample_mode(on_bad_sample)
         self.csv_path, self.task, self.settings = csv_path, task, settings
         self.splits = dict(splits)

@@ -36,9 +36,8 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.utils import look_up_option
 
-from medssl.errors import InputError
+from medssl.errors import InputError, one_of
 
 GEOMETRY = "geometry"
 RESIZE_MODES = ("area", "nearest")
@@ -61,7 +60,7 @@ def resize_grid(x: torch.Tensor, size: Sequence[int], mode: str = "area") -> tor
     Returns:
         (C, *size); float32 for ``area``, the input dtype for ``nearest``.
     """
-    mode = look_up_option(mode, RESIZE_MODES)
+    mode = one_of("resize mode", mode, RESIZE_MODES)
     size = tuple(int(s) for s in size)
     old = tuple(x.shape[1:])
     if len(size) != len(old) or min(size) < 1:

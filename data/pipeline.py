@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from monai.data import Dataset
 from monai.transforms import EnsureTyped
-from monai.utils import look_up_option
 
 from medssl.data.cache import CACHE_MODES, GEOMETRY, IMAGE, LABEL, MemoryCache, build_dataset
 from medssl.data.cache import cache_key as cache_key  # re-exported: callers import it from here
@@ -44,7 +43,7 @@ from medssl.data.transforms import (
     LoadItemd,
     ScaleToUnitd,
 )
-from medssl.errors import InputError
+from medssl.errors import InputError, one_of
 
 log = logging.getLogger(__name__)
 
@@ -354,7 +353,7 @@ def make_datasets(
     _check_dimensions(settings, items)
     base = preprocessing_transforms(settings, label=label)
     memory = None
-    if look_up_option(cache, CACHE_MODES) == "memory":
+    if one_of("cache", cache, CACHE_MODES) == "memory":
         memory = MemoryCache(base, settings)
         memory.add([item for rows in items.values() for item in rows], infos)
     datasets = {

@@ -12,6 +12,7 @@ ssl, mae3d       PatientID, path, fold
 classification   PatientID, path, fold, <target columns>
 segmentation     PatientID, img_path, seg_path, fold
 mae2d            PatientID, path, slice, fold, max_val
+predict          PatientID, path (``fold`` optional and ignored)
 ===============  ===============================================
 
 A ``max_val`` column (required for ``mae2d``, optional elsewhere) scales each row by
@@ -48,7 +49,9 @@ TASK_COLUMNS: dict[str, tuple[str, ...]] = {
     "classification": ("PatientID", "path", "fold"),
     "segmentation": ("PatientID", "img_path", "seg_path", "fold"),
     "mae2d": ("PatientID", "path", "slice", "fold", "max_val"),
+    "predict": ("PatientID", "path"),  # images to segment: every row is used
 }
+PREDICT_FOLD = "0"  # the fold given to every row of a ``predict`` CSV
 PATH_COLUMNS = ("path", "img_path", "seg_path")
 NAMED_FOLDS = ("train", "val", "test")
 MISSING = {"", "nan", "na", "n/a", "null", "none"}
@@ -263,7 +266,7 @@ def infer_task(columns: Iterable[str]) -> str:
     if {"path", "slice"} <= cols:
         return "mae2d"
     if "path" in cols:
-        return "ssl"
+        return "ssl" if "fold" in cols else "predict"
     raise CohortError(f"cannot tell the task from the columns {sorted(cols)}; a cohort CSV "
                       f"needs one of the column sets {sorted(set(TASK_COLUMNS.values()))}")
 
@@ -323,6 +326,8 @@ def read_cohort(
                           f"has {list(df.columns)}, the task needs {required}")
     if df.empty:
         raise CohortError(f"{csv_path}: no rows (only a header line)")
+    if task == "predict":  # every row is predicted: a fold column, if any, is ignored
+        df["fold"] = PREDICT_FOLD
 
     problems: dict[int, list[str]] = {}
     records, lines = [], {}

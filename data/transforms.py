@@ -16,7 +16,7 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
-from monai.utils import ensure_tuple_rep, look_up_option
+from monai.utils import ensure_tuple_rep
 
 from medssl.data.dicom import DicomError
 from medssl.data.geometry import (
@@ -29,7 +29,7 @@ from medssl.data.geometry import (
 )
 from medssl.data.io import LoadVolumed, VolumeError, read_slice
 from medssl.data.table import is_missing
-from medssl.errors import InputError
+from medssl.errors import InputError, one_of
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class GridResize(Transform):
 
     def __init__(self, spatial_size: Sequence[int], mode: str = "area") -> None:
         self.spatial_size = tuple(int(s) for s in spatial_size)
-        self.mode = look_up_option(mode, RESIZE_MODES)
+        self.mode = one_of("resize mode", mode, RESIZE_MODES)
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         old = tuple(img.shape[1:])

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from monai.utils import look_up_option
-
+from medssl.errors import InputError, one_of
 from medssl.models.backbone_base import (
     Backbone,
     as_size,
@@ -51,6 +50,10 @@ def build_backbone(name: str, **kwargs: Any) -> Backbone:
         **kwargs: constructor arguments of that backbone.
 
     Raises:
-        ValueError: unknown name or invalid arguments.
+        InputError: unknown name or invalid arguments, the message starting "backbone <name>:".
     """
-    return look_up_option(name, BACKBONES)(**kwargs)
+    cls = one_of("backbone name", name, BACKBONES)
+    try:
+        return cls(**kwargs)
+    except InputError as exc:  # name the group: "patch_size" alone could be any script's
+        raise InputError(f"backbone {name}: {exc}") from exc

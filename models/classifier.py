@@ -14,11 +14,10 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.utils import look_up_option
 from torch import Tensor, nn
 from torchmetrics import CatMetric
 
-from medssl.errors import InputError
+from medssl.errors import InputError, one_of
 from medssl.models.backbone_base import POOLINGS, pooled_features
 from medssl.models.backbones import build_backbone
 from medssl.models.dino import warmup_cosine
@@ -90,8 +89,8 @@ class Classifier(L.LightningModule):
                  feature_norm: bool = False,
                  class_priors: Mapping[str, Sequence[float]] | None = None) -> None:
         super().__init__()
-        look_up_option(train_mode, TRAIN_MODES)
-        look_up_option(pooling, POOLINGS)
+        one_of("train_mode", train_mode, TRAIN_MODES)
+        one_of("pooling", pooling, POOLINGS)
         if not classes:
             raise InputError("classes must name at least one target")
         few = {t: list(c) for t, c in classes.items() if len(c) < 2}

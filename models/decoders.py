@@ -13,10 +13,9 @@ from collections.abc import Sequence
 import torch
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 from monai.networks.nets.flexible_unet import SegmentationHead, UNetDecoder
-from monai.utils import look_up_option
 from torch import nn
 
-from medssl.errors import InputError
+from medssl.errors import InputError, one_of
 from medssl.models.backbone_base import check_positive_int
 
 __all__ = ["FlexibleUNetDecoder", "NORM_NAMES", "SwinUNETRDecoder", "UNETRDecoder"]
@@ -42,7 +41,7 @@ class SwinUNETRDecoder(nn.Module):
 
     def __init__(self, spatial_dims: int, in_channels: int, feature_size: int, num_classes: int,
                  norm_name: str = "instance") -> None:
-        norm_name = look_up_option(norm_name, NORM_NAMES)
+        norm_name = one_of("norm_name", norm_name, NORM_NAMES)
         super().__init__()
         self.norm_name = norm_name
         fs = feature_size
@@ -125,7 +124,7 @@ class UNETRDecoder(nn.Module):
                  norm_name: str = "instance", conv_block: bool = True,
                  res_block: bool = True) -> None:
         check_positive_int("feature_size", feature_size)
-        norm_name = look_up_option(norm_name, NORM_NAMES)
+        norm_name = one_of("norm_name", norm_name, NORM_NAMES)
         inner, last = unetr_upsampling(patch_size)
         super().__init__()
         self.norm_name = norm_name
@@ -189,9 +188,9 @@ class FlexibleUNetDecoder(nn.Module):
                              f"encoder map), got {decoder_channels}.")
         for c in decoder_channels:
             check_positive_int("each entry of decoder_channels", c)
-        upsample = look_up_option(upsample, ("nontrainable", "deconv", "pixelshuffle"))
-        interp_mode = look_up_option(interp_mode, ("nearest", "linear", "bilinear", "bicubic",
-                                                   "trilinear"))
+        upsample = one_of("upsample", upsample, ("nontrainable", "deconv", "pixelshuffle"))
+        interp_mode = one_of("interp_mode", interp_mode,
+                             ("nearest", "linear", "bilinear", "bicubic", "trilinear"))
         if not 0.0 <= dropout <= 1.0:
             raise InputError(f"dropout must be in [0, 1], got {dropout!r}.")
         super().__init__()

@@ -6,8 +6,8 @@ from typing import ClassVar
 
 import torch
 from monai.networks.nets import EfficientNetBNFeatures, EfficientNetEncoder
-from monai.utils import look_up_option
 
+from medssl.errors import one_of
 from medssl.models.backbone_base import (
     Backbone,
     check_positive_int,
@@ -42,7 +42,7 @@ class EfficientNetBackbone(EfficientNetBNFeatures, Backbone):
                  model_name: str = "efficientnet-b0", use_checkpoint: bool = False) -> None:
         check_spatial_dims(spatial_dims)
         check_positive_int("in_channels", in_channels)
-        model_name = look_up_option(model_name, EfficientNetEncoder.backbone_names)
+        model_name = one_of("model_name", model_name, EfficientNetEncoder.backbone_names)
         # Same norm as FlexibleUNet's encoder (EfficientNetEncoder.get_encoder_parameters).
         super().__init__(model_name=model_name, pretrained=False, spatial_dims=spatial_dims,
                          in_channels=in_channels,

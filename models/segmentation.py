@@ -20,11 +20,10 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss, GeneralizedDiceLoss
 from monai.metrics import compute_dice, compute_hausdorff_distance
-from monai.utils import look_up_option
 from torch import Tensor, nn
 from torchvision.utils import make_grid
 
-from medssl.errors import InputError
+from medssl.errors import InputError, one_of
 from medssl.models.optim import adamw, clip_grad_norm
 from medssl.models.segmenters import build_segmenter
 
@@ -45,7 +44,7 @@ def build_loss(loss: str, include_background: bool = True, sigmoid: bool = False
         sigmoid: per-class sigmoid on the logits (MONAI's meaning).
         softmax: softmax over classes on the logits (MONAI's meaning).
     """
-    look_up_option(loss, LOSSES)
+    one_of("loss", loss, LOSSES)
     if sigmoid == softmax:
         raise InputError(f"exactly one of sigmoid and softmax must be true, got sigmoid={sigmoid}"
                          f", softmax={softmax}")
@@ -201,7 +200,7 @@ class SegmentationModule(L.LightningModule):
                              f"{sw_batch_size}")
         if not 0 <= sw_overlap < 1:
             raise InputError(f"sw_overlap must be in [0, 1), got {sw_overlap}")
-        look_up_option(sw_mode, BLEND_MODES)
+        one_of("sw_mode", sw_mode, BLEND_MODES)
         self.save_hyperparameters()
         self.criterion = build_loss(loss, include_background, sigmoid, softmax)
         self.network = build_segmenter(backbone_config, num_classes, **(decoder or {}))

@@ -10,9 +10,9 @@ from typing import ClassVar
 
 import torch
 from monai.networks.layers import Conv, Norm, Pool
-from monai.utils import look_up_option
 from torch import nn
 
+from medssl.errors import one_of
 from medssl.models.backbone_base import (
     Backbone,
     check_positive_int,
@@ -88,7 +88,7 @@ class UNet3DEncoder(Backbone):
                  use_checkpoint: bool = False) -> None:
         check_spatial_dims(spatial_dims)
         check_positive_int("in_channels", in_channels)
-        act = look_up_option(act, self.activations)
+        act = one_of("act", act, self.activations)
         super().__init__()
         self.config = {"name": self.name, "spatial_dims": spatial_dims,
                        "in_channels": in_channels, "act": act,

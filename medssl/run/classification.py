@@ -21,7 +21,6 @@ import numpy as np
 import pandas as pd
 from lightning.pytorch.callbacks import EarlyStopping
 from monai.transforms import RandAffined, RandFlipd, RandScaleIntensityd, RandShiftIntensityd
-from monai.utils import look_up_option
 from omegaconf import MISSING, DictConfig
 from sklearn.model_selection import train_test_split
 from sklearn.utils.class_weight import compute_class_weight
@@ -30,7 +29,9 @@ from torch.utils.data import Dataset
 from medssl.data.datamodule import CohortDataModule
 from medssl.data.pipeline import IMAGE, Preprocessing
 from medssl.data.table import Cohort, CohortError, category_order, fail, is_missing
-from medssl.errors import InputError
+from medssl.errors import InputError, one_of
+from medssl.models.backbone_base import POOLINGS
+from medssl.models.backbones import build_backbone
 from medssl.models.classifier import Classifier
 from medssl.models.metrics import classification_report
 from medssl.models.weights import (
@@ -356,8 +357,14 @@ class ClassificationTask(Task):
     export_attr = "backbone"
     init_attr = "backbone"
     has_test = True
+    module_needs_data = True  # class encoding and priors come from the loaded rows
 
     def build_data(self, cfg: DictConfig) -> ClassificationData:
+        one_of("class_weights", cfg.class_weights, CLASS_WEIGHTS)
+        one_of("pooling", cfg.pooling, POOLINGS)
+        # The module is built once the rows are loaded: build its backbone now, so that a bad
+        # backbone option fails before the cohort's volumes are read (about 1 s for a ViT-B).
+        build_backbone(**backbone_config(cfg))
         classes = None
         if cfg.test_ckpt is not None:  # evaluate with the checkpoint's encoding
             hparams = _read(cfg.test_ckpt, cfg.trust_checkpoint).get("hyper_parameters", {})
@@ -365,7 +372,7 @@ class ClassificationTask(Task):
             if classes is None:
                 raise InputError(f"test_ckpt={cfg.test_ckpt} is not a classification "
                                  "checkpoint of ours (no class encoding in its hyper_parameters)")
-        look_up_option(cfg.train_mode, ("finetune", "linear"))
+        one_of("train_mode", cfg.train_mode, ("finetune", "linear"))
         augment = {}
         if cfg.aug and cfg.train_mode == "linear":
             log.info("train_mode=linear: no augmentation (each row's features are computed once)")
@@ -378,7 +385,6 @@ class ClassificationTask(Task):
             seed=0 if cfg.seed is None else cfg.seed, classes=classes))
 
     def build_module(self, cfg: DictConfig, data: ClassificationData) -> Classifier:
-        look_up_option(cfg.class_weights, CLASS_WEIGHTS)
         weights = priors = None
         if cfg.test_ckpt is None:
             labels = data.train_labels()

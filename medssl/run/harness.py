@@ -70,12 +70,16 @@ class Task:
         export_attr: the LightningModule attribute exported as ``backbone.pt`` (None: none).
         init_attr: the sub-network that pretrained weights (``dino_weights``, ...) start.
         has_test: the method has a test stage (``test_folds``, ``test_ckpt``).
+        module_needs_data: ``build_module`` reads the loaded data (classification: its labels);
+            otherwise the module is built before any volume loads, so a bad network option
+            fails in seconds rather than after caching a cohort.
     """
 
     name: str = ""
     export_attr: str | None = None
     init_attr: str = "backbone"
     has_test: bool = False
+    module_needs_data: bool = False
 
     def build_data(self, cfg: DictConfig) -> L.LightningDataModule:
         raise NotImplementedError
@@ -399,12 +403,14 @@ def run(cfg: DictConfig) -> L.Trainer:
     layout = process_layout(cfg)  # under DDP a memory cache holds only this rank's share
     data = task.build_data(cfg)
     data.layout = layout
+    module = None if task.module_needs_data else task.build_module(cfg, data)
     data.setup("fit")  # every CSV and volume problem surfaces here, before training
     predict = task.build_predict_data(cfg)
     if predict is not None:
         predict.layout = layout
         predict.setup("predict")
-    module = task.build_module(cfg, data)
+    if module is None:
+        module = task.build_module(cfg, data)
     checkpoint = resume or (source.path if source is not None and source.key == "test_ckpt"
                             else None)
     if checkpoint is not None:

@@ -23,7 +23,7 @@ from medssl.data.geometry import invert_to_file_grid, save_on_file_grid
 from medssl.data.io import is_nifti
 from medssl.data.pipeline import Preprocessing
 from medssl.data.seg_transforms import SliceDimd, check_label_values, segmentation_augment
-from medssl.data.table import Cohort, read_cohort
+from medssl.data.table import PREDICT_FOLD, Cohort
 from medssl.errors import InputError
 from medssl.models.segmentation import METRICS, SegmentationModule
 from medssl.models.weights import LoadReport, load_encoder_weights, load_segmenter_weights
@@ -241,6 +241,11 @@ class SegmentationTask(Task):
     def build_data(self, cfg: DictConfig) -> SegmentationData:
         if cfg.spatial_dims not in (2, 3):
             raise InputError(f"spatial_dims must be 2 or 3, got {cfg.spatial_dims}")
+        if len(cfg.patch_size) != cfg.spatial_dims:
+            raise InputError(f"patch_size {plain(cfg.patch_size)} has {len(cfg.patch_size)} "
+                             f"sizes; spatial_dims={cfg.spatial_dims} needs {cfg.spatial_dims}"
+                             + (" (e.g. patch_size=[64,64]; a ViT also needs a 2D "
+                                "backbone.patch_size)" if cfg.spatial_dims == 2 else ""))
         if cfg.spatial_dims == 2 and cfg.resize_to is not None:
             raise InputError("resize_to must be null with spatial_dims=2: slices are trained in "
                              "patches of patch_size at their own resolution, and validation and "
@@ -265,10 +270,9 @@ class SegmentationTask(Task):
     def build_predict_data(self, cfg: DictConfig) -> CohortDataModule | None:
         if cfg.predict_csv is None:
             return None
-        folds = sorted({r["fold"] for r in read_cohort(cfg.predict_csv, "ssl").records})
         return CohortDataModule(**kwargs_for(
-            CohortDataModule, cfg, csv_path=cfg.predict_csv, task="ssl",
-            splits={"predict": folds}, settings=self._settings(cfg),
+            CohortDataModule, cfg, csv_path=cfg.predict_csv, task="predict",
+            splits={"predict": [PREDICT_FOLD]}, settings=self._settings(cfg),
             augment={"predict": self._whole_volume(cfg)}))
 
     def build_module(self, cfg: DictConfig, data: L.LightningDataModule) -> SegmentationModule:

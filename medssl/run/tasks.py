@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from monai.utils import look_up_option
+from medssl.errors import one_of
 
 if TYPE_CHECKING:
     from medssl.run.harness import Task
@@ -21,7 +21,7 @@ TASKS: dict[str, str] = {
 
 def get_task(name: str) -> Task:
     """The ``TASK`` object of the method ``name`` (one of ``TASKS``)."""
-    return importlib.import_module(look_up_option(name, TASKS)).TASK
+    return importlib.import_module(one_of("task", name, TASKS)).TASK
 
 
 def import_tasks() -> None:

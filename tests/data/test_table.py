@@ -72,6 +72,22 @@ def test_named_folds_work_for_every_task(cohort_dir: Path, task: str) -> None:
     assert cohort.folds() == ["test", "train", "val"]
 
 
+def test_predict_csv_needs_no_fold_and_ignores_one(cohort_dir: Path) -> None:
+    """Images to segment are listed by PatientID and path; every row is used, and a fold
+    column (copied from a training CSV, any values) is ignored."""
+    df = pd.read_csv(cohort_dir / "classification.csv", dtype=str)
+    df[["PatientID", "path"]].to_csv(cohort_dir / "plain.csv", index=False)
+    plain = read_cohort(cohort_dir / "plain.csv", None)
+    assert plain.task == "predict"
+    assert [r["PatientID"] for r in plain.select(plain.folds())] == df.PatientID.tolist()
+    df.assign(fold="somewhere").to_csv(cohort_dir / "folded.csv", index=False)
+    folded = read_cohort(cohort_dir / "folded.csv", "predict")
+    assert len(folded.select(folded.folds())) == len(df)
+    df[["PatientID"]].to_csv(cohort_dir / "nopath.csv", index=False)
+    with pytest.raises(CohortError, match=r"missing column\(s\) \['path'\]"):
+        read_cohort(cohort_dir / "nopath.csv", "predict")
+
+
 def test_integer_folds_are_normalised(cohort_dir: Path) -> None:
     df = pd.read_csv(cohort_dir / "ssl.csv", dtype=str)
     df["fold"] = [f"0{f}" if i % 2 else f"{f}.0" for i, f in enumerate(df.fold)]

@@ -105,6 +105,40 @@ def test_run_script_reports_input_errors_and_keeps_other_tracebacks(monkeypatch)
         harness.run_script(OmegaConf.create())
 
 
+@pytest.mark.parametrize("script,overrides,message", [
+    ("segmentation", ["cache=memroy"],
+     "cache='memroy' is not one of ['none', 'memory', 'disk']; did you mean 'memory'?"),
+    ("segmentation", ["sw_mode=gausian"], "sw_mode='gausian' is not one of"),
+    ("classification", ["cls_targets=[sex]", "class_weights=balance"],
+     "class_weights='balance' is not one of ['balanced', 'none']; did you mean 'balanced'?"),
+    ("classification", ["cls_targets=[sex]", "backbone.num_heads=5"],
+     "backbone vit: hidden_size 192 must be divisible by num_heads 5"),
+    ("mae3d", ["backbone=unet3d", "backbone.act=rlu"],
+     "backbone unet3d: act='rlu' is not one of"),
+    ("dino", ["backbone.num_heads=5"], "backbone vit: hidden_size 192 must be divisible by "
+     "num_heads 5"),
+    ("segmentation", ["spatial_dims=2"], "patch_size [32, 64, 64] has 3 sizes; spatial_dims=2 "
+     "needs 2 (e.g. patch_size=[64,64]; a ViT also needs a 2D backbone.patch_size)"),
+    ("segmentation", ["spatial_dims=2", "patch_size=[64,64]"],
+     "backbone vit: patch_size must be a positive int or 2 positive ints, got [8, 16, 16]"),
+], ids=["cache", "sw_mode", "class_weights", "cls-heads", "act", "heads", "2d-patch",
+        "2d-vit-patch"])
+def test_a_bad_option_is_named_before_any_volume_loads(script: str, overrides: list[str],
+                                                       message: str, tmp_path: Path) -> None:
+    """Option values are checked by name (with the closest valid one), and the network is
+    built before the cohort loads: the CSV's missing volume is never reached."""
+    from medssl.errors import InputError
+    from medssl.run.harness import run
+
+    csv = tmp_path / "cohort.csv"
+    csv.write_text("PatientID,path,img_path,seg_path,fold,sex\n"
+                   "A,/no/such.nii.gz,/no/such.nii.gz,/no/such.nii.gz,0,1\n")
+    cfg = compose(script, [f"csv_path={csv}", f"results_dir={tmp_path}", *overrides])
+    with pytest.raises(InputError) as caught:
+        run(cfg)
+    assert message in str(caught.value)
+
+
 @pytest.mark.parametrize("script", ENTRY_SCRIPTS, ids=lambda p: p.stem)
 def test_every_entry_script_runs_through_run_script(script: Path) -> None:
     assert re.search(r"^    run_script\(cfg\)$", script.read_text(), re.M)

@@ -151,10 +151,11 @@ def test_precise_bn_callback_follows_the_config(seg_cfg: DictConfig) -> None:
 
 
 def test_bad_options_fail_before_training(seg_cfg: DictConfig) -> None:
+    patch = list(seg_cfg.patch_size)
     with pytest.raises(ValueError, match="resize_to must be null"):
-        TASK.build_data(_set(seg_cfg, spatial_dims=2, resize_to=[16, 32]))
+        TASK.build_data(_set(seg_cfg, spatial_dims=2, patch_size=[16, 32], resize_to=[16, 32]))
     with pytest.raises(ValueError, match="exactly one of sigmoid and softmax"):
-        run(_set(seg_cfg, spatial_dims=3, resize_to=None, sigmoid=True))
+        run(_set(seg_cfg, spatial_dims=3, patch_size=patch, resize_to=None, sigmoid=True))
     assert not (Path(seg_cfg.results_dir) / seg_cfg.experiment / "checkpoints").exists()
 
 
@@ -372,8 +373,8 @@ def test_test_mode_writes_predictions_on_each_input_grid(
 
 def test_predict_csv_writes_label_maps_only(demo: DemoPaths, seg_cfg: DictConfig,
                                             trained: Path, tmp_path: Path) -> None:
-    predict = _csv(tmp_path / "unlabelled.csv", "PatientID,path,fold",
-                   [f"DEMO00{n},{demo.root}/nifti/DEMO00{n}_image.nii.gz,0" for n in (1, 2)])
+    predict = _csv(tmp_path / "unlabelled.csv", "PatientID,path",  # no fold column needed
+                   [f"DEMO00{n},{demo.root}/nifti/DEMO00{n}_image.nii.gz" for n in (1, 2)])
     _set(seg_cfg, experiment="predict", test_ckpt=str(trained), test_folds=[],
          predict_csv=str(predict))
     run(seg_cfg)
