@@ -21,7 +21,10 @@ the case's precision, measured in the same process just before and after the ste
 achieved rate uses the fastest timed step, so both sides of the ratio are the least disturbed
 by other load on a shared machine. AdamW is timed alone (fastest of 15) on the module's own
 parameter groups, default and ``fused=True``, because Lightning runs forward and backward
-inside ``optimizer.step(closure)`` and the profiler cannot separate them.
+inside ``optimizer.step(closure)`` and the profiler cannot separate them. The run layer's
+non-finite gradient check (``FiniteLossCheck.on_before_optimizer_step``: one ``_foreach_norm``
+over every gradient and one host sync), which the bare trainer here leaves out, is timed the
+same way on the module's parameters, as a share of the fastest step.
 """
 
 from __future__ import annotations
@@ -211,6 +214,25 @@ def optimizer_timings(module: L.LightningModule, reps: int = 15) -> dict[str, fl
     return {k: min(v) for k, v in out.items()}
 
 
+def finite_check_timing(module: L.LightningModule, precision: str, reps: int = 15) -> float:
+    """Fastest seconds of the run layer's gradient check (``FiniteLossCheck``, as
+    ``build_trainer`` adds it) on the module's current gradients, one process (no all-reduce)."""
+    from medssl.run.guards import FiniteLossCheck
+
+    check = FiniteLossCheck()
+    trainer = SimpleNamespace(precision=precision, current_epoch=0, global_step=0,
+                              strategy=SimpleNamespace(reduce_boolean_decision=lambda ok, all: ok))
+    device = next(module.parameters()).device
+    best = float("inf")
+    for _ in range(reps):
+        _sync(device)
+        start = time.perf_counter()
+        check.on_before_optimizer_step(trainer, module, None)
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def profile(module: L.LightningModule, batch: dict, args: argparse.Namespace,
             top: int) -> list[tuple[str, float]]:
     """Shares of two fitted steps' time by operator (self time), largest first."""
@@ -267,6 +289,7 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
     # Lightning runs forward and backward inside optimizer.step(closure), so the profiler's
     # Optimizer.step span is the whole step: time AdamW alone on the same parameters instead.
     adamw = optimizer_timings(module)
+    check_s = finite_check_timing(module, args.precision)  # on optimizer_timings' gradients
     return {"case": name, "device": args.device, "precision": args.precision,
             "batch": samples, "threads": torch.get_num_threads(),
             "s_per_step": step_s, "best_s_per_step": best_s,
@@ -274,7 +297,7 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
             "achieved_gflops": flops / best_s / 1e9, "matmul_gflops": peak / 1e9,
             "optimizer_share": adamw["default"] / best_s,
             "adamw_s": adamw["default"], "adamw_fused_s": adamw["fused"],
-            "adamw_loop_s": adamw["loop"],
+            "adamw_loop_s": adamw["loop"], "check_s": check_s, "check_share": check_s / best_s,
             "peak_gb": peak_gb, "profile": top}
 
 
@@ -306,8 +329,8 @@ def main() -> None:
           f"{load}\n")
     print("| case | precision | batch | s/step (median) | samples/s | GFLOP/step | "
           "achieved GFLOP/s (fastest step) | matmul GFLOP/s | % of matmul | AdamW share | "
-          "AdamW ms: ours (loop, fused) | peak GB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "AdamW ms: ours (loop, fused) | gradient check ms (share) | peak GB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     profiles = {}
     for name in names:
         cmd = [sys.executable, __file__, "--one", name, "--device", args.device,
@@ -328,6 +351,7 @@ def main() -> None:
               f"{100 * r['achieved_gflops'] / r['matmul_gflops']:.0f}% | "
               f"{100 * r['optimizer_share']:.0f}% | {1e3 * r['adamw_s']:.1f} "
               f"({1e3 * r['adamw_loop_s']:.1f}, {1e3 * r['adamw_fused_s']:.1f}) | "
+              f"{1e3 * r['check_s']:.2f} ({100 * r['check_share']:.1f}%) | "
               f"{r['peak_gb']:.2f} |", flush=True)
     for name, rows in profiles.items():
         print(f"\n{name}: share of profiled self time by operator: "
