@@ -43,6 +43,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
@@ -112,9 +113,11 @@ CASES: dict[str, tuple[str, list[str], Callable[[DictConfig, int], dict], bool]]
 
 
 def _stub_data(cfg: DictConfig) -> SimpleNamespace:
-    """What ``build_module`` reads from a data module: class names for classification (two per
-    target; the batches draw from them)."""
-    return SimpleNamespace(classes={t: ["a", "b"] for t in cfg.get("cls_targets") or []})
+    """What ``build_module`` reads from a data module: for classification, class names (two per
+    target; the batches draw from them) and the training rows' labels (balanced)."""
+    targets = cfg.get("cls_targets") or []
+    return SimpleNamespace(classes={t: ["a", "b"] for t in targets},
+                           train_labels=lambda: {t: np.array([0, 1] * 8) for t in targets})
 
 
 class _Repeat(Dataset):

@@ -39,3 +39,16 @@ def test_gradient_check_timing_runs_the_real_check() -> None:
     with pytest.raises(NonFiniteLossError, match=r"non-finite gradient in 1 parameter\(s\) "
                                                   r"\(e\.g\. b\.weight\)"):
         bench.finite_check_timing(module, "32-true", reps=1)
+
+
+def test_every_case_builds_its_module_from_the_stub_data(tmp_path: Path) -> None:
+    """The stub stands in for a data module: it must offer what each task's ``build_module``
+    reads (the classification cases once failed when it started reading training labels)."""
+    from medssl.run.tasks import get_task
+
+    bench = _load_bench()
+    for name, (script, overrides, _, _) in bench.CASES.items():
+        cfg = bench.compose_config(script, [*overrides, "accelerator=cpu",
+                                            f"results_dir={tmp_path}"])
+        module = get_task(cfg.task).build_module(cfg, bench._stub_data(cfg))
+        assert isinstance(module, L.LightningModule), name
