@@ -26,6 +26,7 @@ from medssl.data.workers import AUTO, check_n_workers, loader_workers, trainer_l
 from medssl.errors import InputError, one_of
 
 log = logging.getLogger(__name__)
+ITEM_INDEX = "item_index"  # an evaluation item's position in its split (models/gather.py)
 
 SPLITS = ("train", "val", "test", "predict")
 Folds = Sequence[int | str] | int | str | None
@@ -175,7 +176,11 @@ class CohortDataModule(L.LightningDataModule):
     def select(self, name: str, items: list[dict], cohort: Cohort) -> list[dict]:
         """The items split ``name`` serves, chosen before anything is cached: all of them, or
         under a sharded memory cache this rank's share. Subclasses narrow them first (e.g. a
-        label subset) and call this last."""
+        label subset) and call this last. Evaluation items (every split but ``train``) are
+        numbered (``ITEM_INDEX``), so that metrics under DDP count each once: the samplers pad
+        every device's share with repeated items."""
+        if name != "train":
+            items = [{**item, ITEM_INDEX: i} for i, item in enumerate(items)]
         if self.shard is None:
             return items
         return rank_share(items, *self.shard,

@@ -34,6 +34,7 @@ from torchvision.utils import make_grid
 from medssl.errors import InputError
 from medssl.models.backbones import build_backbone
 from medssl.models.dino import warmup_cosine
+from medssl.models.gather import batch_index, gather_once
 from medssl.models.optim import adamw
 from medssl.models.segmenters import build_segmenter
 from medssl.models.vit import patchify, unpatchify
@@ -106,7 +107,7 @@ def expand_mask(mask: Tensor, factor: Sequence[int]) -> Tensor:
 
 
 def masked_mse(pred: Tensor, target: Tensor, mask: Tensor, norm_target: bool = False,
-               eps: float = 1e-6) -> Tensor:
+               eps: float = 1e-6, per_sample: bool = False) -> Tensor:
     """Mean squared error over the masked patches only (facebookresearch/mae ``forward_loss``).
 
     Args:
@@ -116,6 +117,8 @@ def masked_mse(pred: Tensor, target: Tensor, mask: Tensor, norm_target: bool = F
         norm_target: normalise each target patch to zero mean and unit variance first (MAE's
             ``norm_pix_loss``: sharper reconstructions, better features in the paper).
         eps: added to the variance before the square root.
+        per_sample: one value per sample (B,) instead of the mean over all masked patches
+            (equal when every sample hides as many patches, as ``random_cuboid_mask`` does).
     """
     target = target.float()
     if norm_target:
@@ -124,6 +127,8 @@ def masked_mse(pred: Tensor, target: Tensor, mask: Tensor, norm_target: bool = F
         target = (target - mean) / (var + eps) ** 0.5
     per_patch = ((pred.float() - target) ** 2).mean(dim=-1)
     mask = mask.float()
+    if per_sample:
+        return (per_patch * mask).sum(dim=-1) / mask.sum(dim=-1)
     return (per_patch * mask).sum() / mask.sum()
 
 
@@ -280,6 +285,7 @@ class MaskedAutoencoder(L.LightningModule):
             self.encoder = self.segmenter.encoder
             self.segmenter.check_input_size(self.input_size, "input_size")
         self._preview: tuple[str, list[Tensor]] | None = None
+        self._val_losses: list[tuple[Tensor, Tensor]] = []  # (per-item loss, item number)
 
     @property
     def is_vit(self) -> bool:
@@ -377,13 +383,30 @@ class MaskedAutoencoder(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         x = self._images(batch)
-        generator = self._generator(1, batch_idx)
-        mask = random_cuboid_mask(x.shape[0], self.grid, self.hparams.mask_percentage,
-                                  generator=generator).to(x.device)
-        loss, out = self.loss(x, mask)
-        self.log("val/mae_loss", loss, batch_size=x.shape[0], sync_dist=True, prog_bar=True)
+        n = x.shape[0]
+        index = batch_index(batch, n)
+        # Each item's mask is seeded by its number in the split, so that its loss is the same
+        # whatever the batch size or device count (items without a number: by position).
+        masks = [random_cuboid_mask(1, self.grid, self.hparams.mask_percentage,
+                                    generator=self._generator(1, i) if i >= 0 else
+                                    self._generator(2, batch_idx, b))
+                 for b, i in enumerate(index.tolist())]
+        out = self.reconstruct(x, torch.cat(masks).to(x.device))
+        self._val_losses.append((masked_mse(*out[:3], norm_target=self.hparams.norm_target,
+                                            per_sample=True), index))
         if batch_idx == 0:
             self._preview = ("val", self.preview(x, out))
+
+    def on_validation_epoch_end(self) -> None:
+        """``val/mae_loss``: the mean over the validation items, each counted once on any
+        number of devices (``gather_once``)."""
+        if not self._val_losses:
+            return
+        losses, index = (torch.cat(parts) for parts in zip(*self._val_losses, strict=True))
+        self._val_losses = []
+        loss = gather_once(self, {"loss": losses.float()}, index)["loss"].mean()
+        # Every device holds the same value; sync_dist only averages equal numbers.
+        self.log("val/mae_loss", loss, sync_dist=True, prog_bar=True)
 
     def on_train_epoch_end(self) -> None:
         """Original / masked / reconstructed middle slices, of validation sample 0 when there

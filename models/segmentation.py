@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
@@ -24,6 +23,7 @@ from torch import Tensor, nn
 from torchvision.utils import make_grid
 
 from medssl.errors import InputError, one_of
+from medssl.models.gather import batch_index, gather_once
 from medssl.models.optim import adamw, clip_grad_norm
 from medssl.models.segmenters import build_segmenter
 
@@ -299,11 +299,9 @@ class SegmentationModule(L.LightningModule):
                                self._spacing(batch, pred.ndim - 1), self.hparams.hd95)
         metrics = {key: _plain(value) for key, value in metrics.items()}
         n = label.shape[0]
-        index = batch.get("case_index")
         per_case = {"loss": torch.stack([_plain(self.criterion(logits[b:b + 1], label[b:b + 1]))
                                          for b in range(n)]),
-                    "index": torch.full((n,), -1) if index is None
-                    else torch.as_tensor(index).reshape(n)}
+                    "index": batch_index(batch, n)}
         for key, value in (metrics | per_case).items():
             self._cases.setdefault(key, []).append(
                 value.long() if key == "index" else value.float())
@@ -329,17 +327,14 @@ class SegmentationModule(L.LightningModule):
 
     def _log_cases(self, stage: str) -> None:
         """Means over cases (all devices) of the loss and, per class and over classes, of the
-        Dice (and HD95 unless ``hd95=false``); NaNs are skipped. Under DDP the sampler pads
-        the devices' shares with repeated cases: each ``case_index`` is counted once."""
+        Dice (and HD95 unless ``hd95=false``); NaNs are skipped. Under DDP each case is
+        counted once (``gather_once``)."""
         if not self._cases:
             return
         cases = {k: torch.cat(v) for k, v in self._cases.items()}
         self._cases = {}
-        cases = {k: self.all_gather(v).reshape(-1, *v.shape[1:]) for k, v in cases.items()}
-        index = cases.pop("index").cpu().numpy()
-        if (index >= 0).all():  # items without a case_index (no data module): kept as they are
-            first = torch.as_tensor(np.unique(index, return_index=True)[1], dtype=torch.long)
-            cases = {k: v[first.to(v.device)] for k, v in cases.items()}
+        index = cases.pop("index")
+        cases = gather_once(self, cases, index)
         log = {f"{stage}/loss": cases["loss"].mean()}
         for key in ("dice", "hd95") if self.hparams.hd95 else ("dice",):
             per_class = cases[key].nanmean(0)

@@ -103,16 +103,13 @@ class SegmentationData(CohortDataModule):
         self._checked = False
 
     def select(self, name: str, items: list[dict], cohort: Cohort) -> list[dict]:
-        """Label values checked (once, every selected row), the training subjects cut to
-        ``label_fraction`` and every evaluation case numbered (``case_index``), before
-        anything is cached."""
+        """Label values checked (once, every selected row) and the training subjects cut to
+        ``label_fraction``, before anything is cached."""
         if not self._checked:
             rows = {r["row"]: r for folds in self.splits.values() if folds
                     for r in cohort.select(folds)}
             check_label_values(list(rows.values()), self.num_classes, cohort.csv_path)
             self._checked = True
-        if name != "train":  # whole-volume cases, each counted once in DDP metrics
-            items = [{**item, "case_index": i} for i, item in enumerate(items)]
         if name == "train" and self.label_fraction < 1:
             subjects = {item["PatientID"] for item in items}
             keep = labelled_subset(list(subjects), self.label_fraction, self.seed)

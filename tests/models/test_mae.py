@@ -313,15 +313,43 @@ def test_training_lowers_the_validation_loss(tmp_path: Path) -> None:
     assert after < 0.7 * before, (before, after)
 
 
-def test_validation_masks_are_fixed() -> None:
+class _Numbered(Dataset):
+    """Volumes numbered as the data module numbers evaluation items (``item_index``);
+    ``order`` picks them, repeats allowed (as a DDP sampler pads a device's share)."""
+
+    def __init__(self, volumes: Tensor, order: list[int]) -> None:
+        self.volumes, self.order = volumes, order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor | int]:
+        return {"image": self.volumes[self.order[i]], "item_index": self.order[i]}
+
+
+def test_validation_loss_is_per_item_whatever_the_batching(tmp_path: Path) -> None:
+    """Each item's mask is seeded by its number, and a repeated item counts once: the loss is
+    the same for any batch size, on a repeat of the run, and with a padded repeat."""
     module = _module().eval()
-    batch = {"image": _volumes(2)}
-    seen = []
-    module.log = lambda name, value, **kwargs: seen.append(value.item())
-    for _ in range(2):
-        module.validation_step(batch, 0)
-    module.validation_step(batch, 1)
-    assert seen[0] == seen[1] and seen[2] != seen[0]
+    volumes = _volumes(3)
+
+    def val_loss(order: list[int], batch_size: int) -> float:
+        loader = DataLoader(_Numbered(volumes, order), batch_size=batch_size)
+        return _trainer(tmp_path).validate(module, loader, verbose=False)[0]["val/mae_loss"]
+
+    reference = val_loss([0, 1, 2], 3)
+    assert val_loss([0, 1, 2], 1) == pytest.approx(reference, rel=1e-6)
+    assert val_loss([0, 1, 2], 3) == reference
+    assert val_loss([0, 1, 2, 0], 2) == pytest.approx(reference, rel=1e-6)
+    # The mean of the three items' own losses, each under its own mask.
+    singles = [val_loss([i], 1) for i in range(3)]
+    assert reference == pytest.approx(sum(singles) / 3, rel=1e-6)
+    assert len({round(v, 8) for v in singles}) == 3
+    # Without numbers (a plain loader) masks are fixed per batch position.
+    plain = DataLoader(_Fixed(volumes), batch_size=3)
+    first, second = (_trainer(tmp_path).validate(module, plain, verbose=False)[0]["val/mae_loss"]
+                     for _ in range(2))
+    assert first == second
 
 
 def test_optimizer_groups_exclude_norms_and_biases() -> None:
