@@ -29,6 +29,7 @@ from torch.nn import functional as F
 from medssl.errors import InputError
 from medssl.models.backbone_base import POOLINGS, pooled_features
 from medssl.models.backbones import build_backbone
+from medssl.models.gather import batch_index, mean_once
 from medssl.models.monitors import (
     crop_grid,
     embedding_spread,
@@ -79,21 +80,22 @@ def clip_per_parameter(parameters: list[nn.Parameter], max_norm: float) -> Tenso
     return torch.stack(norms)
 
 
-def dino_cross_entropy(teacher_probs: Tensor, student_out: Tensor, student_temp: float) -> Tensor:
+def dino_cross_entropy(teacher_probs: Tensor, student_out: Tensor, student_temp: float,
+                       per_sample: bool = False) -> Tensor:
     """DINO's loss: mean cross-entropy of every teacher view (T, B, K) probabilities against
     every student view (S, B, K) logits, the same view index excluded. Computed in fp32 under
     any autocast, as in DINO's code (autocast would run the einsum in bf16 and round the loss
-    by ~0.03 near ln K)."""
+    by ~0.03 near ln K). ``per_sample``: one value per sample (B,), whose mean is the loss."""
+    t, s = teacher_probs.shape[0], student_out.shape[0]
+    mask = torch.ones(t, s, device=student_out.device)  # pairs of different views
+    mask[range(min(t, s)), range(min(t, s))] = 0
+    if not mask.any():
+        raise InputError("the DINO loss needs at least two views")
     with torch.autocast(student_out.device.type, enabled=False):
         s_logp = F.log_softmax(student_out.float() / student_temp, dim=-1)
-        terms = -torch.einsum("tbk,sbk->ts", teacher_probs.float(), s_logp)
-    mask = torch.ones_like(terms)
-    n = min(terms.shape)
-    mask[range(n), range(n)] = 0
-    n_terms = mask.sum()
-    if n_terms == 0:
-        raise InputError("the DINO loss needs at least two views")
-    return (terms * mask).sum() / (n_terms * teacher_probs.shape[1])
+        terms = -torch.einsum("tbk,sbk->tsb", teacher_probs.float(), s_logp)
+        per_item = torch.einsum("tsb,ts->b", terms, mask) / mask.sum()
+    return per_item if per_sample else per_item.mean()
 
 
 class DINO(L.LightningModule):
@@ -182,6 +184,7 @@ class DINO(L.LightningModule):
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.koleo = KoLeoLoss()
         self._pending_centers: list[Tensor] = []  # batch means since the last optimizer step
+        self._val_losses: list[tuple[Tensor, Tensor]] = []  # (per-item loss, item number)
         self._grid_batch: list[Tensor] | None = None
         self._momentum = momentum_teacher
         self.ema_updates = 0  # teacher updates in this process (one per optimizer step)
@@ -355,7 +358,13 @@ class DINO(L.LightningModule):
         crops, n_global = batch["crops"], self.hparams.n_global
         teacher_out, _ = self.forward_teacher(crops[:n_global])
         targets = self.teacher_probs(torch.stack(teacher_out), self.hparams.teacher_temp)
-        loss = dino_cross_entropy(targets, torch.stack(self.forward(crops)),
-                                  self.hparams.student_temp)
-        self.log("val/dino_loss", loss, batch_size=crops[0].shape[0], sync_dist=True,
-                 prog_bar=True)
+        losses = dino_cross_entropy(targets, torch.stack(self.forward(crops)),
+                                    self.hparams.student_temp, per_sample=True)
+        self._val_losses.append((losses, batch_index(batch, len(losses))))
+
+    def on_validation_epoch_end(self) -> None:
+        """``val/dino_loss``: the mean over the validation items, each counted once on any
+        number of devices (``mean_once``)."""
+        loss, self._val_losses = mean_once(self, self._val_losses), []
+        if loss is not None:  # the same on every device; sync_dist only averages equal values
+            self.log("val/dino_loss", loss, sync_dist=True, prog_bar=True)

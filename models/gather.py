@@ -37,3 +37,12 @@ def gather_once(module: L.LightningModule, values: Mapping[str, Tensor],
         return values
     first = torch.as_tensor(np.unique(index, return_index=True)[1], dtype=torch.long)
     return {k: v[first.to(v.device)] for k, v in values.items()}
+
+
+def mean_once(module: L.LightningModule, parts: list[tuple[Tensor, Tensor]]) -> Tensor | None:
+    """The mean over every device's items of per-item values, each item once: ``parts`` holds
+    (values (B,), ``batch_index`` (B,)) per batch; None when there are none."""
+    if not parts:
+        return None
+    values, index = (torch.cat(p) for p in zip(*parts, strict=True))
+    return gather_once(module, {"v": values.float()}, index)["v"].mean()

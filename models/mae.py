@@ -34,7 +34,7 @@ from torchvision.utils import make_grid
 from medssl.errors import InputError
 from medssl.models.backbones import build_backbone
 from medssl.models.dino import warmup_cosine
-from medssl.models.gather import batch_index, gather_once
+from medssl.models.gather import batch_index, mean_once
 from medssl.models.optim import adamw
 from medssl.models.segmenters import build_segmenter
 from medssl.models.vit import patchify, unpatchify
@@ -399,14 +399,10 @@ class MaskedAutoencoder(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         """``val/mae_loss``: the mean over the validation items, each counted once on any
-        number of devices (``gather_once``)."""
-        if not self._val_losses:
-            return
-        losses, index = (torch.cat(parts) for parts in zip(*self._val_losses, strict=True))
-        self._val_losses = []
-        loss = gather_once(self, {"loss": losses.float()}, index)["loss"].mean()
-        # Every device holds the same value; sync_dist only averages equal numbers.
-        self.log("val/mae_loss", loss, sync_dist=True, prog_bar=True)
+        number of devices (``mean_once``)."""
+        loss, self._val_losses = mean_once(self, self._val_losses), []
+        if loss is not None:  # the same on every device; sync_dist only averages equal values
+            self.log("val/mae_loss", loss, sync_dist=True, prog_bar=True)
 
     def on_train_epoch_end(self) -> None:
         """Original / masked / reconstructed middle slices, of validation sample 0 when there

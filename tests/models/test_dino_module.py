@@ -265,6 +265,39 @@ def test_validation_does_not_move_the_center(tmp_path: Path) -> None:
     assert torch.isfinite(trainer.callback_metrics["val/dino_loss"])
 
 
+class _Numbered(_Crops):
+    """Crops of the items in ``order`` (repeats allowed, as a DDP sampler pads a device's
+    share), numbered as the data module numbers evaluation items."""
+
+    def __init__(self, order: list[int]) -> None:
+        super().__init__(max(order) + 1)
+        self.order = order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**super().__getitem__(self.order[i]), "item_index": self.order[i]}
+
+
+def test_validation_loss_counts_each_item_once(tmp_path: Path) -> None:
+    """val/dino_loss is the mean of the items' own losses, whatever the batching, and a
+    padded repeat of an item is not counted twice."""
+    module = _module()
+
+    def val_loss(order: list[int], batch_size: int) -> float:
+        loader = DataLoader(_Numbered(order), batch_size=batch_size)
+        return _trainer(tmp_path).validate(module, loader, verbose=False)[0]["val/dino_loss"]
+
+    reference = val_loss([0, 1, 2], 3)
+    assert val_loss([0, 1, 2], 1) == pytest.approx(reference, rel=1e-6)
+    assert val_loss([0, 1, 2, 0], 2) == pytest.approx(reference, rel=1e-6)
+    singles = [val_loss([i], 1) for i in range(3)]
+    assert reference == pytest.approx(sum(singles) / 3, rel=1e-6)
+    # Counting the repeat would have moved the mean: the check above can tell.
+    assert (2 * singles[0] + singles[1] + singles[2]) / 4 != pytest.approx(reference, rel=1e-4)
+
+
 @pytest.mark.parametrize(
     "fill",
     [pytest.param(float("nan"), id="nan-crop"), pytest.param(float("inf"), id="inf-crop")],
