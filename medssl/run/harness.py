@@ -21,12 +21,13 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.errors import CompactHydraException
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from medssl.data.table import write_bad_rows
-from medssl.errors import InputError, MissingFileError
+from medssl.errors import InputError, MissingFileError, one_of
 from medssl.models.batchnorm import PreciseBatchNorm
 from medssl.models.weights import (
     RESAVE_HINT,
@@ -320,6 +321,9 @@ def precise_bn(cfg: DictConfig, forward: Callable[[nn.Module, Any], Any]) -> lis
     return [PreciseBatchNorm(forward, cfg.precise_bn_batches)] if cfg.precise_bn_batches else []
 
 
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")  # what medssl runs on (Lightning knows more)
+
+
 def process_layout(cfg: DictConfig) -> tuple[int, int]:
     """(global rank, world size) that this process's trainer will have, known before the
     trainer is built (its callbacks need the checked data): Lightning resolves them at
@@ -327,6 +331,7 @@ def process_layout(cfg: DictConfig) -> tuple[int, int]:
     launch, torchrun, SLURM), so a bare trainer with the same layout is asked."""
     quiet = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     level = quiet.level
+    one_of("accelerator", cfg.accelerator, ACCELERATORS)
     quiet.setLevel(logging.WARNING)  # its device report is printed once, by the real trainer
     try:
         probe = L.Trainer(accelerator=cfg.accelerator, devices=plain(cfg.devices),
@@ -334,6 +339,14 @@ def process_layout(cfg: DictConfig) -> tuple[int, int]:
                           strategy=plain(cfg.trainer).get("strategy", "auto"), logger=False,
                           enable_checkpointing=False, enable_progress_bar=False,
                           enable_model_summary=False)
+    # e.g. accelerator=gpu on a machine without one, devices=[0, 1] on the CPU
+    except (MisconfigurationException, TypeError, ValueError) as exc:
+        gpus = torch.cuda.device_count()
+        raise InputError(
+            f"accelerator={cfg.accelerator}, devices={plain(cfg.devices)}, num_nodes="
+            f"{cfg.num_nodes}: {exc} (this machine: {gpus} CUDA device(s) visible"
+            + ("; accelerator=cpu or auto runs on the CPU)"
+               if not gpus and cfg.accelerator in ("gpu", "cuda") else ")")) from exc
     finally:
         quiet.setLevel(level)
     return probe.global_rank, probe.world_size

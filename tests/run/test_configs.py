@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from medssl.run.config import WEIGHT_SOURCES
@@ -121,8 +122,16 @@ def test_run_script_reports_input_errors_and_keeps_other_tracebacks(monkeypatch)
      "needs 2 (e.g. patch_size=[64,64]; a ViT also needs a 2D backbone.patch_size)"),
     ("segmentation", ["spatial_dims=2", "patch_size=[64,64]"],
      "backbone vit: patch_size must be a positive int or 2 positive ints, got [8, 16, 16]"),
+    ("dino", ["accelerator=tpu"], "accelerator='tpu' is not one of ['auto', 'cpu', 'gpu', "
+     "'cuda']"),
+    ("dino", ["accelerator=cpu", "devices=[0,1]"], "accelerator=cpu, devices=[0, 1], "
+     "num_nodes=1: `devices` selected with `CPUAccelerator` should be an int > 0"),
+    pytest.param("mae3d", ["accelerator=gpu"], "accelerator=gpu, devices=auto, num_nodes=1: No "
+                 "supported gpu backend found! (this machine: 0 CUDA device(s) visible; "
+                 "accelerator=cpu or auto runs on the CPU)",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
 ], ids=["cache", "sw_mode", "class_weights", "cls-heads", "act", "heads", "2d-patch",
-        "2d-vit-patch"])
+        "2d-vit-patch", "accelerator", "cpu-device-list", "no-gpu"])
 def test_a_bad_option_is_named_before_any_volume_loads(script: str, overrides: list[str],
                                                        message: str, tmp_path: Path) -> None:
     """Option values are checked by name (with the closest valid one), and the network is
