@@ -597,6 +597,8 @@ def check_backbone_config(what: str, stored: Mapping, configured: Mapping) -> No
         log.info("%s: backbone settings differ without changing parameters (%s)", what, listed)
         return
     if stored.get("name") != configured.get("name"):  # another backbone group altogether
+        listed = (f"a {stored.get('name')} backbone in the file, {configured.get('name')} "
+                  "configured")
         fix = f"backbone={stored.get('name')}" + "".join(
             f" backbone.{k}={json.dumps(stored[k]).replace(' ', '')}" for k in differ
             if k != "name" and k in stored)

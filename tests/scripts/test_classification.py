@@ -450,8 +450,10 @@ def test_backbone_settings_without_parameters_may_differ(caplog) -> None:
     with pytest.raises(ValueError, match="trained with backbone.input_norm=none, but this "
                                          "network has backbone.input_norm=instance"):
         check_backbone_config("export.pt", vit, dict(vit, input_norm="instance"))
-    # Another backbone altogether: the advice picks the config group, not backbone.name=.
-    with pytest.raises(ValueError, match=r"e.g. `backbone=vit backbone\."):
+    # Another backbone altogether: named as such (not every ViT key against None), and the
+    # advice picks the config group, not backbone.name=.
+    with pytest.raises(ValueError, match=r"other settings: a vit backbone in the file, unet3d "
+                                         r"configured\. .*e.g. `backbone=vit backbone\."):
         check_backbone_config("export.pt", vit, {"name": "unet3d", "spatial_dims": 3})
 
 
