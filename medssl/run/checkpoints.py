@@ -31,11 +31,13 @@ class BackboneCheckpoint(ModelCheckpoint):
     """ModelCheckpoint that writes ``<name>.backbone.pt`` (the module's ``export_attr``
     sub-network and its config, readable with ``torch.load(weights_only=True)``) beside every
     checkpoint it keeps and, with ``export_best``, ``backbone.pt`` for its current best one, in
-    the run folder (the parent of the checkpoint folder): the file users take."""
+    the run folder (the parent of the checkpoint folder): the file users take. ``method`` (the
+    task that trained it, e.g. ``dino``) is stored in every export."""
 
-    def __init__(self, export_attr: str | None, export_best: bool, **kwargs: object) -> None:
+    def __init__(self, export_attr: str | None, export_best: bool, method: str | None = None,
+                 **kwargs: object) -> None:
         super().__init__(**kwargs)
-        self.export_attr, self.export_best = export_attr, export_best
+        self.export_attr, self.export_best, self.method = export_attr, export_best, method
 
     @staticmethod
     def companion(filepath: str | Path) -> Path:
@@ -46,7 +48,8 @@ class BackboneCheckpoint(ModelCheckpoint):
         if not trainer.is_global_zero or self.export_attr is None:
             return
         backbone = attrgetter(self.export_attr)(trainer.lightning_module)
-        extra = {"epoch": trainer.current_epoch, "global_step": trainer.global_step}
+        extra = {"epoch": trainer.current_epoch, "global_step": trainer.global_step,
+                 **({"method": self.method} if self.method else {})}
         export_backbone(self.companion(filepath), backbone, extra)
         if self.export_best and filepath == self.best_model_path:
             export_backbone(Path(filepath).parent.parent / BEST_EXPORT, backbone, extra)
@@ -71,7 +74,8 @@ class BackboneCheckpoint(ModelCheckpoint):
 
 
 def checkpoint_callbacks(folder: Path, monitor: str | None, mode: str, save_top_k: int,
-                         export_attr: str | None) -> list[BackboneCheckpoint]:
+                         export_attr: str | None, method: str | None = None
+                         ) -> list[BackboneCheckpoint]:
     """The ``save_top_k`` best by ``monitor`` (mode ``min`` for losses, ``max`` for AUC or
     Dice), then ``last.ckpt`` after every epoch.
 
@@ -83,9 +87,10 @@ def checkpoint_callbacks(folder: Path, monitor: str | None, mode: str, save_top_
     callbacks = []
     if monitor is not None:
         callbacks.append(BackboneCheckpoint(
-            export_attr, export_best=True, dirpath=folder, monitor=monitor, mode=mode,
-            save_top_k=save_top_k, filename=TOP_K_NAME, auto_insert_metric_name=False))
+            export_attr, export_best=True, method=method, dirpath=folder, monitor=monitor,
+            mode=mode, save_top_k=save_top_k, filename=TOP_K_NAME, auto_insert_metric_name=False))
     callbacks.append(BackboneCheckpoint(
-        export_attr, export_best=monitor is None, dirpath=folder, filename="last", monitor=None,
+        export_attr, export_best=monitor is None, method=method, dirpath=folder, filename="last",
+        monitor=None,
         save_top_k=1, enable_version_counter=False))
     return callbacks

@@ -124,6 +124,26 @@ def weight_source(cfg: DictConfig) -> WeightSource | None:
     return WeightSource(given[0], path)
 
 
+EXPORT_METHODS = {"dino_weights": "dino", "mae_weights": "mae"}  # the run each key expects
+
+
+def warn_other_method(source: WeightSource) -> None:
+    """Warn when ``dino_weights``/``mae_weights`` names an export another method made (its
+    ``method`` entry): the weights load, but the run's config and comparisons name the key."""
+    expected = EXPORT_METHODS.get(source.key)
+    if expected is None:
+        return
+    try:  # a courtesy: a file it cannot read this way (a trusted checkpoint) is left alone
+        payload = torch.load(source.path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001
+        return
+    made_by = payload.get("method") if isinstance(payload, dict) else None
+    if made_by is not None and made_by != expected:
+        log.warning("%s=%s is an export of a %s run, not of %s: it is loaded all the same, but "
+                    "this run's config and comparisons will call it %s", source.key,
+                    source.path, made_by, expected, source.key)
+
+
 def check_loadable(path: Path, trust: bool, pretrained: bool = False) -> int:
     """Read a weight file before any data is prepared: refuse one that is not a PyTorch file,
     or that ``torch.load(weights_only=True)`` cannot read (it would run pickled code) unless
@@ -365,7 +385,7 @@ def build_trainer(cfg: DictConfig, task: Task, callbacks: list[L.Callback],
     monitor = cfg.monitor if cfg.get("val_folds") else None
     callbacks = [*callbacks, *checkpoint_callbacks(
         run_dir(cfg) / "checkpoints", monitor, cfg.monitor_mode, cfg.save_top_k,
-        task.export_attr)]
+        task.export_attr, task.name)]
     if cfg.progress_bar:
         callbacks.append(EpochProgressBar())
     if cfg.seed is not None:
@@ -434,6 +454,7 @@ def run(cfg: DictConfig) -> L.Trainer:
     if source is not None and source.pretrained and resume is None:
         report = task.load_pretrained(module, source)
         (log.info if report.complete else log.warning)("%s: %s", source.key, report)
+        warn_other_method(source)
     if cfg.channels_last:
         log.info("channels_last: %d convolutions", to_channels_last(module))
     if cfg.compile:

@@ -206,8 +206,17 @@ def test_dino_and_mae_files_load_the_whole_encoder(cls_cfg: DictConfig, tmp_path
         trainer = run(cls_cfg)
     assert f"dino_weights: loaded {n}/{n} keys" in caplog.text
     assert "missing: []; unexpected: []; shape mismatches: []" in caplog.text
+    assert "is an export of" not in caplog.text  # no method recorded: nothing to say
     loaded = trainer.lightning_module.backbone.state_dict()
     assert all(torch.allclose(v, loaded[k], atol=1e-6) for k, v in teacher.state_dict().items())
+    # An MAE run's export given as dino_weights: loaded, with a warning naming both.
+    save_backbone(tmp_path / "mae_export.pt", teacher, {"method": "mae"})
+    _set(cls_cfg, dino_weights=str(tmp_path / "mae_export.pt"), experiment="mislabelled")
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        run(cls_cfg)
+    assert (f"dino_weights={tmp_path / 'mae_export.pt'} is an export of a mae run, not of dino"
+            in caplog.text) and f"dino_weights: loaded {n}/{n} keys" in caplog.text
     # A DINO Lightning checkpoint: the teacher is picked, not the student.
     torch.save({"pytorch-lightning_version": "2.6.6", "state_dict": {
         **{f"student_backbone.{k}": v for k, v in student.state_dict().items()},

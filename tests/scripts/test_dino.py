@@ -89,7 +89,7 @@ def test_pretraining_run(dino_cfg: DictConfig) -> None:
     top_k = next(c for c in trainer.checkpoint_callbacks if c.monitor == dino_cfg.monitor)
     best = Path(top_k.best_model_path).with_suffix(".backbone.pt")
     export = torch.load(out / "backbone.pt", weights_only=True)
-    assert export["backbone_config"]["name"] == "vit"
+    assert export["backbone_config"]["name"] == "vit" and export["method"] == "dino"
     for name, value in torch.load(best, weights_only=True)["state_dict"].items():
         assert torch.equal(value, export["state_dict"][name])
     backbone, report = load_backbone(out / "checkpoints" / "last.backbone.pt")
