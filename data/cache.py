@@ -134,6 +134,42 @@ class _PersistentDataset(_ClearErrors, PersistentDataset):
         live = {k: v for k, v in item_transformed.items() if k not in CACHED_KEYS}
         return {**cached, **live}
 
+    def cache_file(self, item: Mapping) -> Path:
+        """Where ``_cachecheck`` keeps ``item`` (MONAI's naming: item hash + transform hash)."""
+        return Path(self.cache_dir) / f"{self.hash_func(item).decode()}{self.transform_hash}.pt"
+
+    def fill(self, share: tuple[int, int] = (0, 1), workers: int | None = None) -> int:
+        """Write every missing cache file now instead of in the first epoch, so that every
+        volume that cannot be used is reported at once, before training (as the memory cache
+        does). Under DDP each process fills an interleaved ``share`` (rank, world size).
+
+        Returns:
+            the number of files written.
+        """
+        rank, world = share
+        todo: dict[Path, Mapping] = {}
+        for i, item in enumerate(self.data):
+            path = self.cache_file(item)
+            if i % world == rank and path not in todo and not path.is_file():
+                todo[path] = item
+        workers = max(1, min(4, os.cpu_count() or 1) if workers is None else workers)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            errors = [e for e in pool.map(self._fill_one, todo.values()) if e is not None]
+        _raise_all(errors)
+        return len(todo)
+
+    def _fill_one(self, item: Mapping) -> VolumeError | DicomError | None:
+        try:
+            self._cachecheck(item)
+        except RuntimeError as exc:  # MONAI's wrapper around our data error
+            cause = _data_error(exc)
+            if cause is None:
+                raise
+            return type(cause)(str(cause))
+        except (VolumeError, DicomError) as exc:
+            return exc
+        return None
+
 
 def _cgroup_room(proc_cgroup: Path = Path("/proc/self/cgroup"),
                  root: Path = CGROUP_ROOT) -> int | None:

@@ -166,7 +166,7 @@ class CohortDataModule(L.LightningDataModule):
             augment=self.augment, cache=self.cache, cache_dir=self.cache_dir,
             reset_cache=self.reset_cache, slices=self.slices,
             empty_per_foreground=self.empty_per_foreground, seed=self.seed,
-            on_bad_sample=self.on_bad_sample, select=self.select)
+            on_bad_sample=self.on_bad_sample, select=self.select, share=self.layout)
         if self.shard is not None:
             log.info("cache=memory under DDP: rank %d of %d caches and serves its share",
                      *self.shard)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -289,6 +290,7 @@ def make_datasets(
     seed: int | None = 0,
     on_bad_sample: str = "error",
     select: Callable[[str, list[dict], Cohort], list[dict]] | None = None,
+    share: tuple[int, int] = (0, 1),
 ) -> tuple[dict[str, Dataset], Cohort]:
     """Read the CSV, check every selected row and build one dataset per split.
 
@@ -317,6 +319,9 @@ def make_datasets(
             ``cohort.rejected`` with their problems and logs their count.
         select: (split name, items, cohort) -> the items that split serves, applied before
             anything is cached (e.g. a label subset, or one DDP rank's share: ``rank_share``).
+        share: this process's (rank, world size); with ``cache="disk"`` each process writes
+            an interleaved share of the missing files before returning, so every unusable
+            volume of every split is reported here, before training, as with ``memory``.
 
     Returns:
         the datasets by split and the cohort (its usable rows, target encodings and, under
@@ -361,4 +366,10 @@ def make_datasets(
                             cache_dir, reset_cache and n == 0, memory=memory)
         for n, (name, rows) in enumerate(items.items())
     }
+    if cache == "disk":
+        start = time.perf_counter()
+        written = sum(dataset.fill(share) for dataset in datasets.values())
+        if written:
+            log.info("cache=disk: %d file(s) written in %.1f s", written,
+                     time.perf_counter() - start)
     return datasets, cohort

@@ -193,11 +193,27 @@ def test_cache_modes_agree_and_disk_cache_is_keyed(demo: DemoPaths, tmp_path: Pa
         extra[0]  # same settings, one more step: its own files, never the plain ones
     other = Preprocessing(resize_to=(8, 16, 16), upper_percentile=99.0)
     assert cache_key(other) != cache_key(SMALL)  # other settings never see these files
-    fresh, _ = make_datasets(demo.ssl_csv, "ssl", {"train": 1}, SMALL, cache="disk",
-                             cache_dir=tmp_path / "cache", reset_cache=True, validate=False)
+    with pytest.raises(VolumeError, match="decoded again"):  # emptied, then refilled at once
+        make_datasets(demo.ssl_csv, "ssl", {"train": 1}, SMALL, cache="disk",
+                      cache_dir=tmp_path / "cache", reset_cache=True, validate=False)
     assert not list(folder.glob("*.pt"))
-    with pytest.raises(VolumeError, match="decoded again"):
-        fresh["train"][0]
+
+
+def test_disk_cache_is_filled_before_training_each_process_its_share(demo: DemoPaths,
+                                                                     tmp_path: Path) -> None:
+    """Every file is written by make_datasets (not in the first epoch); under DDP each process
+    writes its interleaved share of every split, and together they write all."""
+    def files() -> int:
+        return len(list((tmp_path / cache_key(SMALL)).glob("*.pt")))
+
+    splits = {"train": [0, 1], "val": 2}
+    ds, _ = make_datasets(demo.ssl_csv, "ssl", splits, SMALL, cache="disk", cache_dir=tmp_path,
+                          share=(1, 2))
+    sizes = [len(d) for d in ds.values()]
+    assert min(sizes) >= 2 and files() == sum(n // 2 for n in sizes)
+    make_datasets(demo.ssl_csv, "ssl", splits, SMALL, cache="disk", cache_dir=tmp_path,
+                  share=(0, 2))
+    assert files() == sum(sizes)
 
 
 def test_loadvolumed_error_names_row(demo: DemoPaths) -> None:

@@ -279,9 +279,10 @@ def test_fast_native_pixels_equal_pydicom(series: Path, bits: int, stored: int,
     np.testing.assert_array_equal(native_pixels(header.dataset, header), expected)
 
 
-def test_every_bad_volume_is_reported_at_once_by_the_memory_cache(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cache", ["memory", "disk"])
+def test_every_bad_volume_is_reported_at_once_by_the_caches(tmp_path: Path, cache: str) -> None:
     """A NaN volume, a constant one and a truncated file in one cohort: one error names all
-    three rows, instead of one per run."""
+    three rows before any item is served, instead of one per run."""
     good = np.random.default_rng(0).random((8, 9, 10)).astype(np.float32)
     nan = good.copy()
     nan[1, 1, 1] = np.nan
@@ -294,7 +295,8 @@ def test_every_bad_volume_is_reported_at_once_by_the_memory_cache(tmp_path: Path
     csv = tmp_path / "c.csv"
     csv.write_text("PatientID,path,fold\n" + "".join(f"{p},{f.name},0\n" for p, f in paths.items()))
     with pytest.raises(VolumeError) as err:
-        make_datasets(csv, "ssl", {"train": 0}, Preprocessing(), cache="memory")
+        make_datasets(csv, "ssl", {"train": 0}, Preprocessing(), cache=cache,
+                      cache_dir=tmp_path / "cache")
     message = str(err.value)
     assert message.startswith("3 volumes cannot be used")
     for line, pid, problem in ((3, "P2", "non-finite"), (4, "P3", "constant volume"),
