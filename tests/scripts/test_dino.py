@@ -273,7 +273,9 @@ def test_recipe_defaults_follow_dino() -> None:
 def test_ddp_on_two_cpu_processes(demo, tmp_path: Path) -> None:
     """Lightning DDP (gloo) from the command line, as on a multi-GPU machine."""
     tiny = [o for o in TINY_DINO if not o.startswith(("devices=", "cache="))]
-    tiny += ["cache=memory", f"csv_path={demo.classification_csv}"]
+    # 3 validation volumes: one rank's share is padded with a repeat.
+    tiny += ["cache=memory", f"csv_path={demo.classification_csv}", "train_folds=[0,1,3]",
+             "val_folds=[2,4]"]
     result = subprocess.run(
         [sys.executable, str(SCRIPT), *tiny, "devices=2", "n_epochs=2",
          f"results_dir={tmp_path}"], capture_output=True, text=True, cwd=REPO, timeout=300)
@@ -282,9 +284,9 @@ def test_ddp_on_two_cpu_processes(demo, tmp_path: Path) -> None:
         assert f"rank {rank} of 2 caches and serves its share" in result.stdout + result.stderr
     folder = tmp_path / "dino_demo" / "checkpoints"
     checkpoint = torch.load(folder / "last.ckpt", weights_only=True)
-    # 7 training volumes over 2 ranks: 4 each (padded by the sampler), batch 2 -> 2 steps
-    # per epoch on every rank.
-    assert checkpoint["global_step"] == 4 and checkpoint["epoch"] == 1
+    # 5 training volumes over 2 ranks: 3 each (padded by the sampler), batch 2 with the last
+    # partial batch dropped -> 1 step per epoch on every rank.
+    assert checkpoint["global_step"] == 2 and checkpoint["epoch"] == 1
     backbone, report = load_backbone(folder.parent / "backbone.pt")
     assert report.complete
     events = EventAccumulator(str(next((tmp_path / "dino_demo" / "tensorboard").glob("ev*"))))
@@ -315,6 +317,12 @@ def test_ddp_on_two_cpu_processes(demo, tmp_path: Path) -> None:
         logged = events.Scalars(f"val/knn_{name}")[-1].value
         value = float(expected.get(name, math.nan))  # AUC: NaN with one class in the query
         assert logged == pytest.approx(value, abs=1e-6, nan_ok=True), name
+    # val/dino_loss counts each validation volume once (the ranks' padded shares repeat one).
+    single = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                       enable_model_summary=False).validate(module, datamodule=data,
+                                                            verbose=False)
+    assert events.Scalars("val/dino_loss")[-1].value == pytest.approx(
+        single[0]["val/dino_loss"], rel=1e-5)
 
 
 def test_unlabelled_rows_train_but_skip_the_knn_monitor(dino_cfg: DictConfig, demo,

@@ -280,15 +280,33 @@ def test_interrupted_run_resumes_exactly(demo, tmp_path: Path,
 def test_ddp_on_two_cpu_processes(demo, tmp_path: Path) -> None:
     """Lightning DDP (gloo) from the command line: every parameter gets a gradient (DDP fails
     on unused ones), one set of outputs."""
+    folds = ["train_folds=[0,1,3]", "val_folds=[2,4]"]  # 3 validation volumes: one padded
     result = subprocess.run(
-        [sys.executable, str(REPO / "self_supervised" / "mae3d.py"), *TINY_3D, "devices=2",
-         "n_epochs=2", f"results_dir={tmp_path}", f"csv_path={demo.mae3d_csv}"],
+        [sys.executable, str(REPO / "self_supervised" / "mae3d.py"), *TINY_3D, *folds,
+         "devices=2", "n_epochs=2", f"results_dir={tmp_path}", f"csv_path={demo.mae3d_csv}"],
         capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     folder = tmp_path / "mae3d_demo" / "checkpoints"
     checkpoint = torch.load(folder / "last.ckpt", weights_only=True)
-    # 7 training volumes over 2 ranks: 4 each (padded by the sampler), batch 2 -> 2 steps.
-    assert checkpoint["global_step"] == 4 and checkpoint["epoch"] == 1
+    # 5 training volumes over 2 ranks: 3 each (padded by the sampler), batch 2 with the last
+    # partial batch dropped -> 1 step per epoch.
+    assert checkpoint["global_step"] == 2 and checkpoint["epoch"] == 1
     backbone, report = load_backbone(folder.parent / "backbone.pt")
     assert report.complete
-    assert len(list((tmp_path / "mae3d_demo" / "tensorboard").glob("events*"))) == 1
+    events = list((tmp_path / "mae3d_demo" / "tensorboard").glob("events*"))
+    assert len(events) == 1
+    # val/mae_loss is what one process computes with the same weights: each validation
+    # volume once, under its own mask, whatever the ranks' shares and batches.
+    cfg = compose("mae3d", [*TINY_3D, *folds, f"results_dir={tmp_path / 'single'}",
+                            f"csv_path={demo.mae3d_csv}", "batch_size=1"])
+    data = TASK.build_data(cfg)
+    data.setup("fit")
+    module = TASK.build_module(cfg, data)
+    module.load_state_dict(checkpoint["state_dict"])
+    single = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                       enable_model_summary=False).validate(module, datamodule=data,
+                                                            verbose=False)
+    logged = EventAccumulator(str(events[0]))
+    logged.Reload()
+    assert logged.Scalars("val/mae_loss")[-1].value == pytest.approx(
+        single[0]["val/mae_loss"], rel=1e-5)
