@@ -249,7 +249,6 @@ class Classifier(L.LightningModule):
     # ----- validation and test ----------------------------------------------------------
     def _collect(self, batch: dict, stage: str) -> None:
         logits = self(batch["image"], batch["record_index"])
-        self._loss(logits, batch["targets"], stage)
         store = self.collected[stage]
         store["index"].update(batch["record_index"])
         for i, target in enumerate(self.targets):
@@ -283,11 +282,31 @@ class Classifier(L.LightningModule):
             metric.reset()
         return out
 
+    def gathered_losses(self, results: dict, stage: str) -> dict[str, float]:
+        """``<stage>/<target>/loss`` and their sum ``<stage>/loss``: the cross-entropy of the
+        gathered rows (each once, whatever the DDP padding), class-weighted as in training."""
+        values, total = {}, 0.0
+        for i, target in enumerate(self.targets):
+            labels, probs = results["labels"][target], results["probs"][target]
+            keep = labels >= 0
+            if not keep.any():
+                continue
+            y = labels[keep]
+            p = probs[keep][np.arange(len(y)), y].astype(np.float64)
+            weight = getattr(self, f"class_weight_{i}")
+            w = np.ones(len(y)) if weight is None else weight.cpu().double().numpy()[y]
+            # F.cross_entropy's weighted mean; probabilities that underflowed count as 1e-45.
+            loss = float((w * -np.log(np.maximum(p, 1e-45))).sum() / w.sum())
+            values[f"{stage}/{target}/loss"] = loss
+            total += loss
+        return {**values, f"{stage}/loss": total}
+
     def _log_metrics(self, stage: str) -> dict:
         results = self.gathered(stage)
         per_target = {t: target_metrics(results["labels"][t], results["probs"][t])
                       for t in self.targets}
         values = {f"{stage}/{name}": value for name, value in mean_metrics(per_target).items()}
+        values |= self.gathered_losses(results, stage)
         for target, metrics in per_target.items():
             values |= {f"{stage}/{target}/{k}": metrics[k] for k in ("auc", "acc", "bacc")}
         # Already identical on every device (gathered above), so no sync_dist.

@@ -119,6 +119,21 @@ def test_fit_then_test_writes_the_report(cls_cfg: DictConfig, demo) -> None:
     events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
     events.Reload()
     assert "test/roc_P02SEX" in events.Tags()["images"]
+    # test/loss: torch's class-weighted cross-entropy of the written predictions, per target
+    # and summed (each row once: it is computed from the gathered rows, not per batch).
+    module, total = trainer.lightning_module, 0.0
+    for i, target in enumerate(module.targets):
+        classes = module.hparams.classes[target]
+        known = predictions[target] != ""
+        probs = predictions.loc[known, [f"{target}_prob_{c}" for c in classes]].astype(float)
+        labels = torch.tensor([classes.index(v) for v in predictions.loc[known, target]])
+        weight = getattr(module, f"class_weight_{i}")
+        loss = torch.nn.functional.nll_loss(
+            torch.tensor(probs.to_numpy()).log(), labels,
+            weight=None if weight is None else weight.double()).item()
+        assert events.Scalars(f"test/{target}/loss")[-1].value == pytest.approx(loss, rel=1e-4)
+        total += loss
+    assert events.Scalars("test/loss")[-1].value == pytest.approx(total, rel=1e-4)
     # The encoding travels with the checkpoint.
     best = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert best["hyper_parameters"]["classes"]["P02SEX"] == ["1: Male", "2: Female"]

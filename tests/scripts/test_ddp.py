@@ -24,11 +24,14 @@ from tests.scripts.test_classification import TINY_CLS
 from tests.scripts.test_segmentation import TINY_SEG
 
 CASES = [
-    # Validation and test folds must differ (the cohort check refuses a fold in both).
+    # Validation and test folds must differ (the cohort check refuses a fold in both); 3 test
+    # rows, one evaluated per step: one rank's share is padded with a repeat.
     pytest.param("downstream/classification.py", "cls_demo", "classification_csv",
                  [*(o for o in TINY_CLS if not o.startswith(("devices=", "val_folds=",
                                                              "test_folds="))),
-                  "val_folds=[4]", "test_folds=[3]"], id="classification"),
+                  "val_folds=[4]", "test_folds=[0,3]", "eval_batch_size=1",
+                  "class_weights=none"],
+                 id="classification"),
     # 3 validation and 3 test volumes: each rank's share is padded with a repeated case.
     pytest.param("downstream/segmentation.py", "seg_demo", "segmentation_csv",
                  [*(o for o in TINY_SEG if not o.startswith(("devices=", "batch_size="))),
@@ -73,6 +76,21 @@ def test_two_cpu_processes_write_one_set_of_outputs(demo, tmp_path: Path, script
     metrics = list(out.rglob("metrics.json"))
     assert len(metrics) == 1, metrics
     report = json.loads(metrics[0].read_text())  # a complete, parseable report
+    if experiment == "cls_demo":
+        # test/loss counts each row once: the cross-entropy of the written predictions (the
+        # padded repeat used to be averaged in).
+        predictions = pd.read_csv(metrics[0].parent / "predictions.csv", dtype=str,
+                                  keep_default_na=False)
+        assert len(predictions) == 3
+        hparams = torch.load(next(out.rglob("last.ckpt")), weights_only=True)["hyper_parameters"]
+        total = 0.0
+        for target, classes in hparams["classes"].items():
+            known = predictions[target] != ""
+            probs = predictions.loc[known, [f"{target}_prob_{c}" for c in classes]]
+            labels = torch.tensor([classes.index(v) for v in predictions.loc[known, target]])
+            total += torch.nn.functional.nll_loss(
+                torch.tensor(probs.astype(float).to_numpy()).log(), labels).item()
+        assert _scalar(out, "test/loss") == pytest.approx(total, rel=1e-4)
     if experiment == "seg_demo":
         # The logged test Dice counts each case once, as the per-case report does (the padded
         # repeat used to count twice); metrics.csv lists the cases in CSV order.
