@@ -187,7 +187,9 @@ class Classifier(L.LightningModule):
         feats = self.feature_norm(self.features(image, record_index))
         return [head(feats) for head in self.heads]
 
-    def _loss(self, logits: list[Tensor], targets: Mapping[str, Tensor], stage: str) -> Tensor:
+    def _loss(self, logits: list[Tensor], targets: Mapping[str, Tensor]) -> Tensor:
+        """The training loss: per target masked cross-entropy, summed (validation and test
+        losses come from the gathered rows: ``gathered_losses``)."""
         total = logits[0].sum() * 0.0
         bs = logits[0].shape[0]
         for i, target in enumerate(self.targets):
@@ -195,8 +197,8 @@ class Classifier(L.LightningModule):
                                            getattr(self, f"class_weight_{i}"))
             total = total + loss
             if n:
-                self.log(f"{stage}/{target}/loss", loss, batch_size=n, sync_dist=True)
-        self.log(f"{stage}/loss", total, batch_size=bs, sync_dist=True, prog_bar=stage == "train")
+                self.log(f"train/{target}/loss", loss, batch_size=n, sync_dist=True)
+        self.log("train/loss", total, batch_size=bs, sync_dist=True, prog_bar=True)
         return total
 
     # ----- training ---------------------------------------------------------------------
@@ -213,7 +215,7 @@ class Classifier(L.LightningModule):
         for group in self.optimizers().optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         logits = self(batch["image"], batch["record_index"])
-        loss = self._loss(logits, batch["targets"], "train")
+        loss = self._loss(logits, batch["targets"])
         self.log("train/lr", lr, batch_size=len(batch["image"]))
         return loss
 

@@ -91,6 +91,5 @@ def checkpoint_callbacks(folder: Path, monitor: str | None, mode: str, save_top_
             mode=mode, save_top_k=save_top_k, filename=TOP_K_NAME, auto_insert_metric_name=False))
     callbacks.append(BackboneCheckpoint(
         export_attr, export_best=monitor is None, method=method, dirpath=folder, filename="last",
-        monitor=None,
-        save_top_k=1, enable_version_counter=False))
+        monitor=None, save_top_k=1, enable_version_counter=False))
     return callbacks

@@ -127,31 +127,24 @@ def weight_source(cfg: DictConfig) -> WeightSource | None:
 EXPORT_METHODS = {"dino_weights": "dino", "mae_weights": "mae"}  # the run each key expects
 
 
-def warn_other_method(source: WeightSource) -> None:
-    """Warn when ``dino_weights``/``mae_weights`` names an export another method made (its
-    ``method`` entry): the weights load, but the run's config and comparisons name the key."""
-    expected = EXPORT_METHODS.get(source.key)
-    if expected is None:
-        return
-    try:  # a courtesy: a file it cannot read this way (a trusted checkpoint) is left alone
-        payload = torch.load(source.path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001
-        return
-    made_by = payload.get("method") if isinstance(payload, dict) else None
-    if made_by is not None and made_by != expected:
-        log.warning("%s=%s is an export of a %s run, not of %s: it is loaded all the same, but "
-                    "this run's config and comparisons will call it %s", source.key,
-                    source.path, made_by, expected, source.key)
-
-
-def check_loadable(path: Path, trust: bool, pretrained: bool = False) -> int:
+def check_loadable(path: Path, trust: bool, pretrained: bool = False,
+                   key: str | None = None) -> int:
     """Read a weight file before any data is prepared: refuse one that is not a PyTorch file,
     or that ``torch.load(weights_only=True)`` cannot read (it would run pickled code) unless
     ``trust_checkpoint=true`` for a run's own checkpoint (``pretrained`` weights are never
-    unpickled). Returns the ``global_step`` (0 if none)."""
+    unpickled). When ``key`` (``dino_weights``/``mae_weights``) names an export another method
+    made (its ``method`` entry), warn: it loads, but the run's config and comparisons will
+    name the key. Returns the ``global_step`` (0 if none)."""
     checkpoint = load_file(path, trust and not pretrained, mmap=True,
                            unsafe_hint=RESAVE_HINT if pretrained else TRUST_HINT)
-    return int(checkpoint.get("global_step", 0)) if isinstance(checkpoint, dict) else 0
+    if not isinstance(checkpoint, dict):
+        return 0
+    expected, made_by = EXPORT_METHODS.get(key), checkpoint.get("method")
+    if expected is not None and made_by is not None and made_by != expected:
+        log.warning("%s=%s is an export of a %s run, not of %s: it is loaded all the same, but "
+                    "this run's config and comparisons will call it %s", key, path, made_by,
+                    expected, key)
+    return int(checkpoint.get("global_step", 0))
 
 
 def check_fits(path: Path, key: str, task: Task, module: L.LightningModule,
@@ -430,7 +423,7 @@ def run(cfg: DictConfig) -> L.Trainer:
     resume = resume_checkpoint(cfg, source)
     resume_step = check_loadable(resume, cfg.trust_checkpoint) if resume is not None else 0
     if source is not None and source.path != resume:
-        check_loadable(source.path, cfg.trust_checkpoint, source.pretrained)
+        check_loadable(source.path, cfg.trust_checkpoint, source.pretrained, source.key)
     if cfg.seed is not None:
         L.seed_everything(cfg.seed, workers=True)
     layout = process_layout(cfg)  # under DDP a memory cache holds only this rank's share
@@ -454,7 +447,6 @@ def run(cfg: DictConfig) -> L.Trainer:
     if source is not None and source.pretrained and resume is None:
         report = task.load_pretrained(module, source)
         (log.info if report.complete else log.warning)("%s: %s", source.key, report)
-        warn_other_method(source)
     if cfg.channels_last:
         log.info("channels_last: %d convolutions", to_channels_last(module))
     if cfg.compile:
